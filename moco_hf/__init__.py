@@ -1,0 +1,38 @@
+"""moco_hf: Momentum Contrast (MoCo v1/v2) as a transformers model over any timm backbone."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .configuration_moco import MoCoConfig
+from .modeling_moco import (
+    MoCoForImageClassification,
+    MoCoModel,
+    MoCoModelOutput,
+    MoCoPreTrainedModel,
+    enqueue,
+    info_nce_logits,
+    info_nce_loss,
+    momentum_update,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register("moco", MoCoConfig, exist_ok=True)
+AutoModel.register(MoCoConfig, MoCoModel, exist_ok=True)
+AutoModelForImageClassification.register(MoCoConfig, MoCoForImageClassification, exist_ok=True)
+
+# save_pretrained writes the modeling code and an auto_map, so trust_remote_code loading works without moco_hf.
+MoCoConfig.register_for_auto_class()
+MoCoModel.register_for_auto_class("AutoModel")
+MoCoForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "MoCoConfig",
+    "MoCoModel",
+    "MoCoModelOutput",
+    "MoCoPreTrainedModel",
+    "MoCoForImageClassification",
+    "enqueue",
+    "info_nce_logits",
+    "info_nce_loss",
+    "momentum_update",
+]

@@ -1,0 +1,469 @@
+"""MoCo: Momentum Contrast for unsupervised visual representation learning.
+
+He et al., 2019, "Momentum Contrast for Unsupervised Visual Representation Learning" (MoCo v1) and
+Chen et al., 2020, "Improved Baselines with Momentum Contrastive Learning" (MoCo v2), over any timm
+backbone.
+
+This file depends only on torch, timm and transformers (plus the configuration file beside it), so
+`save_pretrained` can ship it with the weights for `trust_remote_code=True` loading.
+"""
+
+import math
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_moco import MoCoConfig
+
+
+@dataclass
+class MoCoModelOutput(ModelOutput):
+    """Output of [`MoCoModel`].
+
+    Args:
+        loss: InfoNCE loss (train mode with a key view, or any mode when `key_pixel_values` is given).
+        logits: `[q.k+, q.queue] / tau`, N x (1+K), the positive in column 0 (fp32). With the symmetric
+            loss, the two directions are stacked: 2N x (1+K).
+        last_hidden_state: the query backbone's unpooled features (`forward_features`).
+        pooler_output: the query backbone's pooled features, N x num_features.
+        query_embeddings: L2-normalised query projections q, N x embed_dim.
+        key_embeddings: L2-normalised keys k of this process's batch, N x embed_dim (no gradient).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    query_embeddings: torch.FloatTensor | None = None
+    key_embeddings: torch.FloatTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure pieces of the algorithm, each unit-tested on its own.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def momentum_update(key_params: list[torch.Tensor], query_params: list[torch.Tensor], momentum: float) -> None:
+    """theta_k <- m * theta_k + (1 - m) * theta_q, as one fused multi-tensor op (no per-parameter loop)."""
+    if momentum == 1.0:
+        return
+    torch._foreach_lerp_(key_params, query_params, 1.0 - momentum)
+
+
+@torch.no_grad()
+def enqueue(queue: torch.Tensor, queue_ptr: torch.Tensor, keys: torch.Tensor) -> None:
+    """Write `keys` into the FIFO `queue` at `queue_ptr`, wrapping around its end, and advance the pointer.
+
+    Everything stays on the device: no `.item()`, so no host synchronisation.
+    queue: K x C, queue_ptr: (1,) long, keys: n x C with n <= K.
+    """
+    n, size = keys.shape[0], queue.shape[0]
+    if n > size:
+        raise ValueError(
+            f"cannot enqueue {n} keys into a queue of {size}: queue_size must be at least the global batch size"
+        )
+    index = (queue_ptr + torch.arange(n, device=queue.device)) % size  # n
+    queue.index_copy_(0, index, keys.to(queue.dtype))
+    queue_ptr.copy_((queue_ptr + n) % size)
+
+
+def info_nce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
+    """Logits [q.k+, q.queue] / tau with the positive in column 0, computed in fp32.
+
+    q: N x C (with grad), k: N x C (no grad), queue: K x C; all L2-normalised. Returns N x (1+K).
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = q.float()
+        l_pos = (q * k.float()).sum(dim=1, keepdim=True)  # N x 1
+        # The queue is updated in place after this step; clone it so autograd keeps this step's copy.
+        l_neg = q @ queue.detach().clone().float().T  # N x K
+        return torch.cat([l_pos, l_neg], dim=1) / tau  # N x (1+K)
+
+
+def info_nce_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the positive key at index 0 of every row."""
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every process along dim 0 (rank order). No gradient flows back."""
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MoCoProjectionHead(nn.Module):
+    """Projection from pooled backbone features to the contrastive embedding space.
+
+    v1: "The output of the last layer is a 128-D vector ... from a fc layer" (single linear layer).
+    v2: "we replace the fc head in MoCo with a 2-layer MLP head (hidden layer 2048-d, with ReLU)".
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None, mlp: bool = True):
+        super().__init__()
+        if mlp:
+            hidden_dim = hidden_dim or in_dim
+            self.layers = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        else:
+            self.layers = nn.Sequential(nn.Linear(in_dim, out_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+def create_backbone(config: MoCoConfig) -> nn.Module:
+    """The timm model named by the config, without classifier: `model(x)` returns pooled features."""
+    return timm.create_model(config.backbone, pretrained=False, num_classes=0, **(config.backbone_kwargs or {}))
+
+
+def _mark_initialised(module: nn.Module) -> None:
+    """Flag tensors that already hold their intended values so transformers' init leaves them alone.
+
+    timm initialises its models in their constructors; transformers' `post_init` would otherwise overwrite that
+    with its generic scheme. On the meta device (inside `from_pretrained`) nothing is flagged, so tensors that the
+    checkpoint does not provide still get initialised by `_init_weights`.
+    """
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.device.type != "meta":
+            tensor._is_hf_initialized = True
+
+
+class MoCoEncoder(nn.Module):
+    """f_q or f_k: timm backbone (`.backbone`) followed by the projection head (`.head`).
+
+    `forward(pixel_values)` returns the unnormalised projection, N x embed_dim.
+    """
+
+    def __init__(self, config: MoCoConfig):
+        super().__init__()
+        self.backbone = create_backbone(config)
+        _mark_initialised(self.backbone)
+        self.head = MoCoProjectionHead(
+            self.backbone.num_features, config.embed_dim, config.mlp_hidden_dim, mlp=config.mlp_head
+        )
+
+    def forward_all(self, pixel_values: torch.Tensor, splits: int = 1):
+        """(unpooled features, pooled features, projection). `splits` > 1 runs the batch in that many chunks,
+        so BatchNorm normalises each chunk on its own, as it would on that many devices."""
+        if splits > 1 and pixel_values.shape[0] > 1:
+            parts = [self.forward_all(chunk) for chunk in pixel_values.chunk(splits)]
+            return tuple(torch.cat(p, dim=0) for p in zip(*parts))
+        features = self.backbone.forward_features(pixel_values)
+        pooled = self.backbone.forward_head(features, pre_logits=True)  # N x num_features
+        return features, pooled, self.head(pooled)  # ..., N x embed_dim
+
+    def forward(self, pixel_values: torch.Tensor, splits: int = 1) -> torch.Tensor:
+        return self.forward_all(pixel_values, splits)[2]
+
+
+class MoCoBackbone(nn.Module):
+    """The query encoder without its head, laid out like [`MoCoEncoder`] so checkpoint keys match."""
+
+    def __init__(self, config: MoCoConfig):
+        super().__init__()
+        self.backbone = create_backbone(config)
+        _mark_initialised(self.backbone)
+
+
+class MoCoPreTrainedModel(PreTrainedModel):
+    config_class = MoCoConfig
+    base_model_prefix = "moco"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise only what is not already set, through transformers' guarded helpers.
+
+        Layers get PyTorch's default initialisation (the official MoCo head uses it); timm backbones built
+        outside `from_pretrained` keep timm's own initialisation (see `_mark_initialised`); tensors loaded from
+        a checkpoint are never touched.
+        """
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            if getattr(module, "weight", None) is not None:
+                init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif not isinstance(module, MoCoPreTrainedModel):
+            # Loose parameters of a backbone (ViT class token, position embeddings, layer scales, ...).
+            for param in module.parameters(recurse=False):
+                init.trunc_normal_(param, std=0.02)
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+
+
+class MoCoModel(MoCoPreTrainedModel):
+    """MoCo pretraining model: query encoder, momentum key encoder and queue of negative keys.
+
+    In train mode with both views, `forward` is one step of Algorithm 1 of the paper: momentum update of the key
+    encoder, keys (no gradient, shuffled BN), logits [q.k+, q.queue]/tau, InfoNCE loss, enqueue of the keys.
+    In eval mode, or with only `pixel_values`, it changes no state.
+    """
+
+    _keys_to_ignore_on_load_missing = [r"^key_encoder\.", r"^queue$", r"^queue_ptr$"]
+
+    def __init__(self, config: MoCoConfig):
+        super().__init__(config)
+        self.query_encoder = MoCoEncoder(config)
+        self.key_encoder = MoCoEncoder(config)
+        self.key_encoder.requires_grad_(False)
+        self.register_buffer("queue", torch.empty(config.queue_size, config.embed_dim))  # K x C, rows L2-normalised
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.post_init()
+        self._copy_query_to_key()
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _copy_query_to_key(self) -> None:
+        """f_k starts as a copy of f_q."""
+        key_state = self.key_encoder.state_dict(keep_vars=True)
+        for name, tensor in self.query_encoder.state_dict(keep_vars=True).items():
+            if tensor.device.type != "meta":
+                key_state[name].copy_(tensor)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:
+            queue = torch.randn(self.queue.shape, device=self.queue.device, dtype=torch.float32)
+            init.copy_(self.queue, F.normalize(queue, dim=1).to(self.queue.dtype))
+            init.zeros_(self.queue_ptr)
+            key_loaded = any(getattr(p, "_is_hf_initialized", False) for p in self.key_encoder.parameters())
+            query_loaded = any(getattr(p, "_is_hf_initialized", False) for p in self.query_encoder.parameters())
+            if query_loaded and not key_loaded:
+                # A checkpoint without the key encoder (e.g. a cleaned release): restart f_k from f_q.
+                self._copy_query_to_key()
+
+    def reset_queue(self) -> None:
+        """Fill the queue with fresh random unit vectors and rewind the pointer."""
+        with torch.no_grad():
+            self.queue.copy_(F.normalize(torch.randn_like(self.queue, dtype=torch.float32), dim=1))
+            self.queue_ptr.zero_()
+
+    def get_backbone(self) -> nn.Module:
+        """The query encoder's timm backbone (the part kept after pretraining)."""
+        return self.query_encoder.backbone
+
+    # -- algorithm pieces ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def momentum_update_key_encoder(self) -> None:
+        momentum_update(list(self.key_encoder.parameters()), list(self.query_encoder.parameters()), self.config.momentum)
+
+    @torch.no_grad()
+    def _keys(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised keys for this process's batch (N x C) and for the global batch in rank order (world*N x C).
+
+        Shuffle BN: across processes, the global key batch is permuted before the key encoder and restored after
+        (official implementation); in one process with `bn_splits` > 1 the batch is permuted before being cut into
+        the BN chunks. With `bn_splits` == 1 in one process a permutation would not change BN statistics.
+        """
+        splits = self.config.bn_splits
+        if _is_distributed():
+            world, rank = dist.get_world_size(), dist.get_rank()
+            images = all_gather_cat(pixel_values)  # world*N x 3 x H x W
+            if self.config.shuffle_bn:
+                perm = torch.randperm(images.shape[0], device=images.device)
+                dist.broadcast(perm, src=0)
+                mine = perm.view(world, -1)[rank]
+                k = F.normalize(self.key_encoder(images[mine], splits), dim=1)  # N x C
+                k_shuffled = all_gather_cat(k)  # world*N x C, in permuted order
+                k_all = torch.empty_like(k_shuffled)
+                k_all[perm] = k_shuffled  # unshuffle
+            else:
+                k_all = all_gather_cat(F.normalize(self.key_encoder(pixel_values, splits), dim=1))
+            k_local = k_all.view(world, -1, k_all.shape[1])[rank]
+            return k_local, k_all
+        if self.config.shuffle_bn and splits > 1 and self.training:
+            perm = torch.randperm(pixel_values.shape[0], device=pixel_values.device)
+            k = self.key_encoder(pixel_values[perm], splits)
+            k = k[torch.argsort(perm)]
+        else:
+            k = self.key_encoder(pixel_values, splits)
+        k = F.normalize(k, dim=1)
+        return k, k
+
+    def _contrast(self, view_q: torch.Tensor, view_k: torch.Tensor):
+        """Query forward, keys and logits for one direction (queries from view_q, keys from view_k)."""
+        features, pooled, q = self.query_encoder.forward_all(view_q, self.config.bn_splits)
+        q = F.normalize(q, dim=1)  # N x C
+        k, k_all = self._keys(view_k)  # N x C, world*N x C
+        logits = info_nce_logits(q, k, self.queue, self.config.tau)  # N x (1+K)
+        return features, pooled, q, k, k_all, logits
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        key_pixel_values: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoCoModelOutput | tuple:
+        _check_images(pixel_values, "pixel_values")
+        if key_pixel_values is None:
+            features, pooled, q = self.query_encoder.forward_all(pixel_values)
+            output = MoCoModelOutput(
+                last_hidden_state=features, pooler_output=pooled, query_embeddings=F.normalize(q, dim=1)
+            )
+            return output if return_dict is not False else output.to_tuple()
+
+        _check_images(key_pixel_values, "key_pixel_values")
+        if key_pixel_values.shape != pixel_values.shape:
+            raise ValueError(
+                f"pixel_values {tuple(pixel_values.shape)} and key_pixel_values {tuple(key_pixel_values.shape)} "
+                "must have the same shape: they are two augmented views of the same images"
+            )
+        global_batch = pixel_values.shape[0] * (dist.get_world_size() if _is_distributed() else 1)
+        enqueued = global_batch * (2 if self.config.symmetric else 1)
+        if enqueued > self.config.queue_size:
+            raise ValueError(
+                f"queue_size={self.config.queue_size} is smaller than the {enqueued} keys enqueued per step "
+                f"(global batch {global_batch}{' x 2 views' if self.config.symmetric else ''}); "
+                "use a queue at least that large (the paper uses 65536 for batch 256)"
+            )
+
+        update = self.training
+        if update:
+            self.momentum_update_key_encoder()
+
+        features, pooled, q, k, k_all, logits = self._contrast(pixel_values, key_pixel_values)
+        loss = info_nce_loss(logits)
+        if self.config.symmetric:
+            # Official CIFAR demo: loss_12 + loss_21, then enqueue the keys of both views (view 1 first).
+            _, _, _, k1, k1_all, logits_21 = self._contrast(key_pixel_values, pixel_values)
+            loss = loss + info_nce_loss(logits_21)
+            logits = torch.cat([logits, logits_21], dim=0)  # 2N x (1+K)
+            k_all = torch.cat([k1_all, k_all], dim=0)
+        if update:
+            enqueue(self.queue, self.queue_ptr, k_all)
+
+        output = MoCoModelOutput(
+            loss=loss,
+            logits=logits,
+            last_hidden_state=features,
+            pooler_output=pooled,
+            query_embeddings=q,
+            key_embeddings=k,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class MoCoForImageClassification(MoCoPreTrainedModel):
+    """The query backbone of a MoCo checkpoint with a fresh linear classifier on its pooled features.
+
+    `MoCoForImageClassification.from_pretrained(moco_checkpoint, num_labels=N)` keeps the query backbone and drops
+    the key encoder, queue and projection head. With `freeze_backbone=True` the backbone gets no gradient and stays
+    in eval mode (the linear evaluation protocol), so its BatchNorm statistics do not move.
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^key_encoder\.", r"^queue$", r"^queue_ptr$", r"^query_encoder\.head\."]
+    _keys_to_ignore_on_load_missing = [r"^classifier\."]
+
+    def __init__(self, config: MoCoConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.query_encoder = MoCoBackbone(config)
+        num_features = self.query_encoder.backbone.num_features
+        self.classifier = nn.Linear(num_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        if config.freeze_backbone:
+            self.query_encoder.requires_grad_(False)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self and isinstance(self.classifier, nn.Linear):
+            init.normal_(self.classifier.weight, std=self.config.initializer_range)
+            init.zeros_(self.classifier.bias)
+
+    def get_backbone(self) -> nn.Module:
+        return self.query_encoder.backbone
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_backbone:
+            self.query_encoder.eval()
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        _check_images(pixel_values, "pixel_values")
+        backbone = self.query_encoder.backbone
+        if self.config.freeze_backbone:
+            with torch.no_grad():
+                pooled = backbone.forward_head(backbone.forward_features(pixel_values), pre_logits=True)
+        else:
+            pooled = backbone.forward_head(backbone.forward_features(pixel_values), pre_logits=True)
+        logits = self.classifier(pooled)  # N x num_labels
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            elif labels.dim() == logits.dim() and labels.shape == logits.shape:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=None)
+        return output if return_dict is not False else output.to_tuple()
+
+
+def _check_images(pixel_values, name: str) -> None:
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(f"{name} must be a float tensor of shape (batch, channels, height, width), got {shape}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor (normalised images), got dtype {pixel_values.dtype}")
+
+
+__all__ = [
+    "MoCoModelOutput",
+    "MoCoProjectionHead",
+    "MoCoEncoder",
+    "MoCoPreTrainedModel",
+    "MoCoModel",
+    "MoCoForImageClassification",
+    "momentum_update",
+    "enqueue",
+    "info_nce_logits",
+    "info_nce_loss",
+]
