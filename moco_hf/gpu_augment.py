@@ -1,0 +1,715 @@
+"""Batched MoCo v1/v2 augmentation that runs on the batch's device (CUDA in training, CPU in tests).
+
+The CPU path (`data.py`) follows the official MoCo code: one PIL image at a time in dataloader workers. Here the
+same recipe runs on a whole batch with plain torch ops, every random parameter drawn per sample:
+
+    images (N x 3 x H x W uint8, or a list of 3 x H_i x W_i uint8, e.g. from `decode_jpegs(..., device="cuda")`)
+      -> RandomResizedCrop    torchvision's sampler (10 tries, then a central crop), one gather + bilinear blend
+      -> colour ops           per preset: ColorJitter (per-sample random order), RandomGrayscale, GaussianBlur
+      -> RandomHorizontalFlip
+      -> Normalize            float N x 3 x S x S, optionally channels_last / bf16
+
+MoCo v1 (He et al., 2019, Sec. 4.1): "a 224x224-pixel crop is taken from a randomly resized image, and then
+undergoes random color jittering, random horizontal flip, and random grayscale conversion" (the official code puts
+the grayscale before the jitter). MoCo v2 (Chen et al., 2020): v1 plus "the blur augmentation", a stronger
+colour distortion applied with p=0.8, as in SimCLR.
+
+Every op is a frozen dataclass with `sample(...)` (the random parameters, one row per sample, drawn from a
+`torch.Generator` on the batch's device) and `apply(images, params)` (deterministic), so each can be checked
+against `torchvision.transforms.v2.functional` on fixed parameters. `MoCoGPUAugment` composes them for a preset.
+
+Usage:
+    augment = MoCoGPUAugment("v2", generator=torch.Generator("cuda").manual_seed(0), dtype=torch.bfloat16)
+    decoded = decode_jpegs(list_of_jpeg_bytes, device="cuda")      # nvJPEG, one batched call
+    view_q, view_k = augment.two_views(decoded.images)              # 2 x (N x 3 x 224 x 224)
+"""
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# the statistics used by the official MoCo CIFAR-10 demo notebook
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+# ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+_LUMA = (0.2989, 0.587, 0.114)
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+
+def _per_sample(values: Tensor) -> Tensor:
+    """N -> N x 1 x 1 x 1, to broadcast one value per sample over an N x C x H x W batch."""
+    return values.reshape(-1, 1, 1, 1)
+
+
+def _check_probability(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {p}")
+
+
+def _bernoulli(n: int, p: float, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """N bools, each True with probability p (the `torch.rand(1) < p` test of torchvision's Random* ops)."""
+    return torch.rand(n, generator=generator, device=device) < p
+
+
+def _uniform(n: int, low: float, high: float, device, generator, dtype=torch.float32) -> Tensor:
+    return torch.rand(n, generator=generator, device=device, dtype=dtype) * (high - low) + low
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images of any sizes, laid out for one gather
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PackedImages(NamedTuple):
+    """A batch of 3-channel images of any sizes, flattened for one gather.
+
+    Pixel (c, y, x) of image n is `pixels[c, offsets[n] + y * widths[n] + x]`.
+    """
+
+    pixels: Tensor  # 3 x sum(H_n * W_n), uint8 (0..255) or float (0..1)
+    offsets: Tensor  # N, int64
+    heights: Tensor  # N, int64
+    widths: Tensor  # N, int64
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixels.device
+
+    def __len__(self) -> int:
+        return self.offsets.numel()
+
+
+ImageBatch = Tensor | Sequence[Tensor] | PackedImages
+
+
+def pack_images(images: ImageBatch) -> PackedImages:
+    """Lay out an N x 3 x H x W batch, or a list of 3 x H_n x W_n images, as `PackedImages` (one copy, uint8)."""
+    if isinstance(images, PackedImages):
+        return images
+    if isinstance(images, Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected an N x 3 x H x W batch, got shape {tuple(images.shape)}")
+        n, _, h, w = images.shape
+        pixels = images.transpose(0, 1).reshape(3, -1)  # 3 x N*H*W
+        offsets = torch.arange(n, device=images.device) * (h * w)
+        heights = torch.full((n,), h, device=images.device, dtype=torch.long)
+        widths = torch.full((n,), w, device=images.device, dtype=torch.long)
+        return PackedImages(pixels, offsets, heights, widths)
+    images = list(images)
+    if not images:
+        raise ValueError("expected at least one image")
+    for image in images:
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected 3 x H x W images, got shape {tuple(image.shape)}")
+        if image.device != images[0].device or image.dtype != images[0].dtype:
+            raise ValueError("all images must share one device and dtype")
+    device = images[0].device
+    sizes = torch.tensor([[image.shape[1], image.shape[2]] for image in images], dtype=torch.long)
+    areas = sizes[:, 0] * sizes[:, 1]
+    offsets = torch.cumsum(areas, 0) - areas
+    pixels = torch.cat([image.reshape(3, -1) for image in images], dim=1)  # 3 x sum(H*W)
+    if device.type == "cuda":  # a pinned, non-blocking copy does not wait for the GPU's queued work
+        sizes, offsets = (t.pin_memory().to(device, non_blocking=True) for t in (sizes, offsets))
+    else:
+        sizes, offsets = sizes.to(device), offsets.to(device)
+    return PackedImages(pixels, offsets, sizes[:, 0].contiguous(), sizes[:, 1].contiguous())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RandomResizedCrop
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _bilinear_taps(in_sizes: Tensor, out_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Source indices and weights of `F.interpolate(mode="bilinear", align_corners=False)` along one axis.
+
+    Same arithmetic as ATen's `compute_source_index_and_lambda`: src = (dst + 0.5) * in / out - 0.5, clamped to
+    [0, in - 1]. Returns i0, i1 (N x out, int64, within the crop) and w0, w1 (N x out, float32).
+    """
+    in_sizes = in_sizes.unsqueeze(1)  # N x 1
+    scale = in_sizes.float() / out_size
+    dst = torch.arange(out_size, device=in_sizes.device, dtype=torch.float32).add_(0.5)
+    src = (scale * dst).sub_(0.5).clamp_(min=0.0)  # N x out
+    i0 = torch.minimum(src.floor().long(), in_sizes - 1)
+    w1 = (src - i0).clamp_(0.0, 1.0)
+    i1 = i0 + (i0 < in_sizes - 1).long()
+    return i0, i1, 1.0 - w1, w1
+
+
+def resized_crop(images: ImageBatch, boxes: Tensor, size: int) -> Tensor:
+    """Crop `boxes` (N x 4: top, left, height, width) out of each image and resize to size x size, bilinearly.
+
+    Equals `F.resized_crop(image, top, left, height, width, [size, size], antialias=False)` on each image converted
+    to float in [0, 1]; one gather over the whole batch, whatever the image sizes. No antialiasing: a shrunk crop is
+    still sampled at 2 x 2 source pixels per output pixel, where PIL's bilinear filter widens with the shrink factor.
+
+    Returns:
+        N x 3 x size x size float32 in [0, 1].
+    """
+    packed = pack_images(images)
+    n = len(packed)
+    if boxes.shape != (n, 4):
+        raise ValueError(f"expected boxes of shape ({n}, 4), got {tuple(boxes.shape)}")
+    top, left, height, width = boxes.to(packed.device, torch.long).unbind(1)
+    y0, y1, wy0, wy1 = _bilinear_taps(height, size)  # N x S
+    x0, x1, wx0, wx1 = _bilinear_taps(width, size)
+    row_start = packed.offsets[:, None] + top[:, None] * packed.widths[:, None]  # N x 1
+    rows0 = row_start + y0 * packed.widths[:, None]  # N x S, flat index of each source row's first pixel
+    rows1 = row_start + y1 * packed.widths[:, None]
+    cols0, cols1 = left[:, None] + x0, left[:, None] + x1  # N x S
+
+    def tap(rows: Tensor, cols: Tensor) -> Tensor:
+        index = (rows[:, :, None] + cols[:, None, :]).reshape(-1)  # N*S*S
+        return packed.pixels.index_select(1, index).view(3, n, size, size).float()
+
+    wx0, wx1 = wx0[None, :, None, :], wx1[None, :, None, :]  # 1 x N x 1 x S
+    wy0, wy1 = wy0[None, :, :, None], wy1[None, :, :, None]  # 1 x N x S x 1
+    out = (tap(rows0, cols0) * wx0 + tap(rows0, cols1) * wx1) * wy0
+    out += (tap(rows1, cols0) * wx0 + tap(rows1, cols1) * wx1) * wy1  # 3 x N x S x S
+    if not packed.pixels.is_floating_point():
+        out /= 255.0
+    return out.transpose(0, 1).contiguous()  # N x 3 x S x S
+
+
+@dataclass(frozen=True)
+class RandomResizedCrop:
+    """Random area and aspect-ratio crop, resized to size x size (torchvision's `RandomResizedCrop` sampler).
+
+    Args:
+        size: output side in pixels (224 for ImageNet, 32 for CIFAR).
+        scale: range of the crop's area as a fraction of the image's area; MoCo uses (0.2, 1.0).
+        ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly; default (3/4, 4/3).
+    """
+
+    size: int
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    num_tries = 10  # torchvision's, before falling back to a central crop
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+        if not 0.0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must satisfy 0 < scale[0] <= scale[1], got {self.scale}")
+        if not 0.0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < ratio[0] <= ratio[1], got {self.ratio}")
+
+    def sample(self, heights: Tensor, widths: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Crop boxes for images of the given sizes (N each): N x 4 int64 (top, left, height, width).
+
+        torchvision's algorithm, all tries at once: up to 10 tries of area ~ U(scale) * H * W and
+        log(aspect) ~ U(log ratio); the first try whose rounded box fits is kept, at a uniform position;
+        if none fits, the largest central crop with the aspect ratio clamped into `ratio`.
+        """
+        n, device = heights.numel(), heights.device
+        img_h, img_w = heights.double().unsqueeze(1), widths.double().unsqueeze(1)  # N x 1
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        area = img_h * img_w * _uniform(n * self.num_tries, *self.scale, device, generator, torch.float64).view(n, -1)
+        aspect = torch.exp(_uniform(n * self.num_tries, log_lo, log_hi, device, generator, torch.float64)).view(n, -1)
+        crop_w = torch.sqrt(area * aspect).round()  # N x tries; round half to even, like Python's round
+        crop_h = torch.sqrt(area / aspect).round()
+        fits = (crop_w > 0) & (crop_w <= img_w) & (crop_h > 0) & (crop_h <= img_h)  # N x tries
+        first = fits.byte().argmax(dim=1, keepdim=True)  # the first try that fits (argmax returns the first max)
+        crop_w, crop_h = crop_w.gather(1, first), crop_h.gather(1, first)  # N x 1
+        u_top, u_left = torch.rand(n, 2, generator=generator, device=device, dtype=torch.float64).unbind(1)
+        top = (u_top.unsqueeze(1) * (img_h - crop_h + 1)).floor()  # ~ randint(0, H - h + 1)
+        left = (u_left.unsqueeze(1) * (img_w - crop_w + 1)).floor()
+
+        # fallback: central crop, aspect ratio clamped into `ratio`
+        in_ratio = img_w / img_h
+        too_tall, too_wide = in_ratio < self.ratio[0], in_ratio > self.ratio[1]
+        fallback_w = torch.where(too_wide, (img_h * self.ratio[1]).round(), img_w)
+        fallback_h = torch.where(too_tall, (img_w / self.ratio[0]).round(), img_h)
+        fallback_top = ((img_h - fallback_h) / 2).floor()
+        fallback_left = ((img_w - fallback_w) / 2).floor()
+
+        found = fits.any(dim=1, keepdim=True)
+        boxes = torch.cat(
+            [
+                torch.where(found, top, fallback_top),
+                torch.where(found, left, fallback_left),
+                torch.where(found, crop_h, fallback_h),
+                torch.where(found, crop_w, fallback_w),
+            ],
+            dim=1,
+        )
+        return boxes.long()  # N x 4
+
+    def apply(self, images: ImageBatch, boxes: Tensor) -> Tensor:
+        return resized_crop(images, boxes, self.size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Horizontal flip
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def hflip(images: Tensor, flip: Tensor) -> Tensor:
+    """Mirror left-right the samples where `flip` (N bools) is True."""
+    return torch.where(_per_sample(flip), images.flip(-1), images)
+
+
+@dataclass(frozen=True)
+class RandomHorizontalFlip:
+    """Mirror each sample left-right with probability p."""
+
+    p: float = 0.5
+
+    def __post_init__(self):
+        _check_probability("p", self.p)
+
+    def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        return _bernoulli(n, self.p, device, generator)  # N bools
+
+    def apply(self, images: Tensor, flip: Tensor) -> Tensor:
+        return hflip(images, flip)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Colour: the math of torchvision.transforms.v2.functional on float images in [0, 1], with one factor per sample
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def rgb_to_grayscale(images: Tensor) -> Tensor:
+    """ITU-R 601-2 luma: N x 3 x H x W -> N x 1 x H x W (as `F.rgb_to_grayscale` on float images)."""
+    r, g, b = images.unbind(dim=-3)
+    return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(-3)
+
+
+def _blend(images: Tensor, other: Tensor, ratio: Tensor) -> Tensor:
+    """ratio * images + (1 - ratio) * other, clamped to [0, 1]; `ratio` has one value per sample."""
+    ratio = _per_sample(ratio)
+    return (images * ratio).add_(other * (1.0 - ratio)).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
+    return images.mul(_per_sample(factor)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
+    mean = rgb_to_grayscale(images).mean(dim=(-3, -2, -1), keepdim=True)  # N x 1 x 1 x 1
+    return _blend(images, mean, factor)
+
+
+def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
+    return _blend(images, rgb_to_grayscale(images), factor)
+
+
+def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
+    """Rotate the hue of each sample by `factor` (N values in [-0.5, 0.5]) turns.
+
+    torchvision's RGB -> HSV -> RGB round trip (itself after Pillow's, in float rather than PIL's uint8), in closed
+    form: V = max and the chroma C = max - min are kept, and with the hue in sixths H' = 6 * hue + 6 * factor
+    (mod 6), channel n (R, G, B = 5, 3, 1) becomes V - C * clamp(min(k, 4 - k), 0, 1), k = (n + H') mod 6.
+    No gather and no int64 index planes; within 2e-6 of torchvision's round trip.
+    """
+    r, g, b = images.unbind(dim=-3)  # N x H x W each
+    minc, maxc = torch.aminmax(images, dim=-3)
+    chroma = maxc - minc
+    safe_chroma = torch.where(chroma == 0, torch.ones_like(chroma), chroma)  # grey pixels: C = 0, any hue will do
+    hue6 = torch.where(
+        maxc == r,
+        (g - b) / safe_chroma,
+        torch.where(maxc == g, (b - r) / safe_chroma + 2.0, (r - g) / safe_chroma + 4.0),
+    )  # in [-1, 5)
+    hue6 = hue6.add_(6.0 * factor.reshape(-1, 1, 1)).unsqueeze(-3)  # N x 1 x H x W
+    channel = torch.arange(5.0, 0.0, -2.0, device=images.device).view(3, 1, 1)  # R, G, B = 5, 3, 1
+    k = (hue6 + channel).remainder_(6.0)  # N x 3 x H x W
+    weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return maxc.unsqueeze(-3) - chroma.unsqueeze(-3) * weight
+
+
+class ColorJitterParams(NamedTuple):
+    """Per-sample parameters of `ColorJitter`."""
+
+    apply: Tensor  # N bools: whether the jitter is applied at all (RandomApply)
+    order: Tensor  # N x 4 int64: each row a permutation of BRIGHTNESS, CONTRAST, SATURATION, HUE
+    factors: Tensor  # N x 4 float32: brightness, contrast, saturation, hue factors
+
+
+def color_jitter(images: Tensor, params: ColorJitterParams, with_hue: bool = True) -> Tensor:
+    """The four colour ops in each sample's own order, on the samples where `params.apply`.
+
+    Brightness, contrast and saturation are all `blend(x, other, factor)` with other = 0, the grey mean or the grey
+    image, so each of the 4 steps is one blend with a per-sample `other`, plus the hue rotation on the samples whose
+    step it is. The hue is computed on the whole batch at each step (4x its cost) and selected by mask: no host
+    sync. `with_hue=False` skips it (for a jitter whose hue range is 0).
+    """
+    apply, order, factors = params
+    for step in range(4):
+        op = order[:, step]  # N
+        gray = rgb_to_grayscale(images)  # N x 1 x H x W
+        other = torch.where(
+            _per_sample(op == SATURATION),
+            gray,
+            torch.where(_per_sample(op == CONTRAST), gray.mean(dim=(-3, -2, -1), keepdim=True), 0.0),
+        )
+        blend_here = apply & (op != HUE)
+        ratio = torch.where(blend_here, factors.gather(1, op.clamp(max=SATURATION)[:, None]).squeeze(1), 1.0)
+        images = _blend(images, other, ratio)
+        if with_hue:
+            images = torch.where(_per_sample(apply & (op == HUE)), adjust_hue(images, factors[:, HUE]), images)
+    return images
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    """torchvision's `RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p)`, per sample.
+
+    Args:
+        brightness: factor ~ U(max(0, 1 - brightness), 1 + brightness); 0.4 in MoCo v1 and v2.
+        contrast: factor ~ U(max(0, 1 - contrast), 1 + contrast); 0.4.
+        saturation: factor ~ U(max(0, 1 - saturation), 1 + saturation); 0.4.
+        hue: hue shift ~ U(-hue, hue) turns, in [0, 0.5]; 0.4 in v1, 0.1 in v2.
+        p: probability of applying the jitter; 1.0 in v1, 0.8 in v2.
+    """
+
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    p: float = 0.8
+
+    def __post_init__(self):
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+        _check_probability("p", self.p)
+
+    def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> ColorJitterParams:
+        apply = _bernoulli(n, self.p, device, generator)
+        order = torch.rand(n, 4, generator=generator, device=device).argsort(dim=1)  # uniform random permutations
+        factors = torch.stack(
+            [
+                _uniform(n, max(0.0, 1.0 - self.brightness), 1.0 + self.brightness, device, generator),
+                _uniform(n, max(0.0, 1.0 - self.contrast), 1.0 + self.contrast, device, generator),
+                _uniform(n, max(0.0, 1.0 - self.saturation), 1.0 + self.saturation, device, generator),
+                _uniform(n, -self.hue, self.hue, device, generator),
+            ],
+            dim=1,
+        )  # N x 4
+        return ColorJitterParams(apply, order, factors)
+
+    def apply(self, images: Tensor, params: ColorJitterParams) -> Tensor:
+        return color_jitter(images, params, with_hue=self.hue > 0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Grayscale
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RandomGrayscale:
+    """Replace each sample by its luma, replicated to 3 channels, with probability p (0.2 in MoCo)."""
+
+    p: float = 0.2
+
+    def __post_init__(self):
+        _check_probability("p", self.p)
+
+    def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        return _bernoulli(n, self.p, device, generator)  # N bools
+
+    def apply(self, images: Tensor, grayscale: Tensor) -> Tensor:
+        return torch.where(_per_sample(grayscale), rgb_to_grayscale(images).expand_as(images), images)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gaussian blur
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def default_blur_kernel_size(size: int) -> int:
+    """The odd kernel side closest below 10% of the image side (SimCLR's rule): 23 for 224, 3 for 32."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
+    """One normalised 1-D Gaussian per sample (N sigmas -> N x kernel_size), as torchvision builds it."""
+    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
+    x = torch.linspace(-lim, lim, steps=kernel_size, device=sigma.device, dtype=torch.float32)
+    return torch.softmax(-(x / sigma.float()[:, None]).pow(2), dim=1)  # exp(-d^2 / (2 sigma^2)), normalised
+
+
+def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Blur each sample with its own isotropic Gaussian (N sigmas), reflect padding, as `F.gaussian_blur`.
+
+    Separable: a grouped (depthwise) convolution along rows, then along columns, N * 3 groups.
+    """
+    if kernel_size % 2 != 1:
+        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    n, c, h, w = images.shape
+    kernels = gaussian_kernels(sigma, kernel_size).repeat_interleave(c, dim=0)  # N*C x k
+    pad = kernel_size // 2
+    x = F.pad(images.reshape(1, n * c, h, w), [pad, pad, pad, pad], mode="reflect")
+    x = F.conv2d(x, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)  # 1 x N*C x H+2p x W
+    x = F.conv2d(x, kernels.view(n * c, 1, kernel_size, 1), groups=n * c)  # 1 x N*C x H x W
+    return x.view(n, c, h, w)
+
+
+class GaussianBlurParams(NamedTuple):
+    apply: Tensor  # N bools
+    sigma: Tensor  # N float32
+
+
+@dataclass(frozen=True)
+class GaussianBlur:
+    """MoCo v2's blur: with probability p, a Gaussian of standard deviation sigma ~ U(sigma range).
+
+    The official code blurs with PIL's `GaussianBlur(radius=sigma)`, where the radius *is* the standard deviation
+    and the filter is not truncated. torchvision's kernel is used here instead (same sigma, truncated at
+    `kernel_size`, default 10% of the crop: 23 taps for 224, i.e. >= 5.5 sigma each side for sigma <= 2, so the
+    truncation is invisible), because it is an exact convolution that `F.gaussian_blur` can check, whereas PIL
+    approximates the Gaussian with three box blurs on uint8.
+
+    Args:
+        kernel_size: odd kernel side in pixels; `default_blur_kernel_size(size)`.
+        sigma: range of the standard deviation in pixels; (0.1, 2.0) as in MoCo v2 / SimCLR.
+        p: probability of blurring a sample; 0.5 in MoCo v2.
+    """
+
+    kernel_size: int
+    sigma: tuple[float, float] = (0.1, 2.0)
+    p: float = 0.5
+
+    def __post_init__(self):
+        if self.kernel_size < 1 or self.kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd and positive, got {self.kernel_size}")
+        if not 0.0 < self.sigma[0] <= self.sigma[1]:
+            raise ValueError(f"sigma must satisfy 0 < sigma[0] <= sigma[1], got {self.sigma}")
+        _check_probability("p", self.p)
+
+    def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> GaussianBlurParams:
+        apply = _bernoulli(n, self.p, device, generator)
+        return GaussianBlurParams(apply, _uniform(n, *self.sigma, device, generator))
+
+    def apply(self, images: Tensor, params: GaussianBlurParams) -> Tensor:
+        blurred = gaussian_blur(images, params.sigma, self.kernel_size)
+        return torch.where(_per_sample(params.apply), blurred, images)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Normalize
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+    """(images - mean) / std per channel, as `F.normalize`."""
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return images.sub(mean).div_(std)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The MoCo pipelines
+# --------------------------------------------------------------------------------------------------------------------
+
+
+PRESETS = ("v1", "v2", "cifar")
+
+
+def build_ops(preset: str, size: int) -> tuple:
+    """The ops after the crop, in the order of the official recipe for `preset` (the flip last)."""
+    if preset == "v1":  # moco/main_moco.py, args.aug_plus False
+        return RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4, p=1.0), RandomHorizontalFlip(0.5)
+    if preset == "v2":  # moco/main_moco.py, args.aug_plus True
+        return (
+            ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
+            RandomGrayscale(0.2),
+            GaussianBlur(default_blur_kernel_size(size), (0.1, 2.0), p=0.5),
+            RandomHorizontalFlip(0.5),
+        )
+    if preset == "cifar":  # the MoCo CIFAR-10 demo's recipe, crop scale (0.2, 1) and no blur
+        return ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), RandomGrayscale(0.2), RandomHorizontalFlip(0.5)
+    raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+
+
+class AugmentParams(NamedTuple):
+    """Every random parameter of one view: the crop boxes, then one entry per op of `MoCoGPUAugment.ops`."""
+
+    boxes: Tensor  # N x 4 int64: top, left, height, width
+    ops: tuple
+
+
+class MoCoGPUAugment:
+    """MoCo's two-view augmentation on a whole batch, on the batch's device.
+
+    Args:
+        preset: "v1" (crop, grayscale 0.2, jitter 0.4/0.4/0.4/0.4, flip), "v2" (crop, jitter 0.4/0.4/0.4/0.1
+            with p=0.8, grayscale 0.2, blur sigma 0.1-2 with p=0.5, flip) or "cifar" (v2 without the blur);
+            every preset crops with scale (0.2, 1).
+        size: output side in pixels; default 224, or 32 for "cifar".
+        mean: per-channel normalisation mean; default ImageNet's, or CIFAR-10's for "cifar".
+        std: per-channel normalisation std; default ImageNet's, or CIFAR-10's for "cifar".
+        generator: source of every random draw; must live on the batches' device. Default: torch's global RNG.
+        dtype: output dtype; default float32 (all the maths runs in float32).
+        channels_last: return channels_last tensors; default False.
+    """
+
+    def __init__(
+        self,
+        preset: str = "v2",
+        size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ):
+        cifar = preset == "cifar"
+        self.preset = preset
+        self.size = size if size is not None else (32 if cifar else 224)
+        self.crop = RandomResizedCrop(self.size, scale=(0.2, 1.0))
+        self.ops = build_ops(preset, self.size)
+        self.mean = tuple(mean if mean is not None else (CIFAR10_MEAN if cifar else IMAGENET_MEAN))
+        self.std = tuple(std if std is not None else (CIFAR10_STD if cifar else IMAGENET_STD))
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std must have 3 values, std > 0; got {self.mean}, {self.std}")
+        self.generator = generator
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self._stats_on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}  # no host-to-device copy per batch
+
+    def __repr__(self) -> str:
+        ops = ", ".join(repr(op) for op in (self.crop, *self.ops))
+        return f"MoCoGPUAugment(preset={self.preset!r}, ops=[{ops}], mean={self.mean}, std={self.std})"
+
+    def _generator(self, device: torch.device, generator: torch.Generator | None) -> torch.Generator | None:
+        generator = generator if generator is not None else self.generator
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"the generator is on {generator.device}, the images on {device}")
+        return generator
+
+    def sample(self, images: ImageBatch, generator: torch.Generator | None = None) -> AugmentParams:
+        """Draw every random parameter of one view of `images`."""
+        packed = pack_images(images)
+        n, device = len(packed), packed.device
+        generator = self._generator(device, generator)
+        boxes = self.crop.sample(packed.heights, packed.widths, generator)
+        return AugmentParams(boxes, tuple(op.sample(n, device, generator) for op in self.ops))
+
+    @torch.no_grad()
+    def apply(self, images: ImageBatch, params: AugmentParams) -> Tensor:
+        """The view of `images` for fixed `params`: N x 3 x size x size, normalised, in `dtype`."""
+        x = self.crop.apply(images, params.boxes)  # N x 3 x S x S in [0, 1]
+        for op, op_params in zip(self.ops, params.ops):
+            x = op.apply(x, op_params)
+        if x.device not in self._stats_on_device:
+            self._stats_on_device[x.device] = tuple(torch.tensor(v, device=x.device) for v in (self.mean, self.std))
+        x = normalize(x, *self._stats_on_device[x.device])
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=memory_format)
+
+    def __call__(self, images: ImageBatch, generator: torch.Generator | None = None) -> Tensor:
+        packed = pack_images(images)
+        return self.apply(packed, self.sample(packed, generator))
+
+    def two_views(self, images: ImageBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Two independently augmented views (query, key) of the same images; the images are packed once."""
+        packed = pack_images(images)
+        return self(packed, generator), self(packed, generator)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DecodedImages(NamedTuple):
+    images: list[Tensor]  # 3 x H_i x W_i uint8 on the requested device
+    num_failed: int  # inputs that could not be decoded (skipped)
+    kept: list[int]  # index into the input of each decoded image, to keep labels aligned
+
+
+def _to_rgb(image: Tensor) -> Tensor:
+    """Force 3 channels: grey -> replicated, grey + alpha -> grey replicated, RGBA -> RGB."""
+    if image.shape[0] in (1, 2):
+        return image[:1].expand(3, -1, -1).contiguous()
+    return image[:3]
+
+
+def _as_byte_tensor(data) -> Tensor:
+    if isinstance(data, Tensor):
+        return data.reshape(-1).to("cpu", torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_jpegs(data: Sequence[bytes | bytearray | memoryview | Tensor], device="cpu") -> DecodedImages:
+    """Decode encoded images to 3 x H x W uint8 RGB on `device`, skipping those that fail.
+
+    On CUDA, one batched `torchvision.io.decode_jpeg(..., device="cuda")` (nvJPEG); if that call fails (one corrupt
+    or non-JPEG file fails the whole call), each image is retried alone on the GPU, then on the CPU with
+    `torchvision.io.decode_image` (JPEG, PNG, GIF, WebP; CMYK JPEGs too), then skipped. On CPU, `decode_image`.
+    Grey and CMYK images come out as RGB (ImageReadMode.RGB).
+
+    Returns:
+        `DecodedImages(images, num_failed, kept)`: the decoded images, how many inputs were skipped, and the input
+        index of each decoded image (to keep labels aligned).
+    """
+    device = torch.device(device)
+    decoded: list[Tensor | None] = [None] * len(data)
+    tensors: list[Tensor | None] = []
+    for item in data:
+        try:
+            tensors.append(_as_byte_tensor(item))
+        except (TypeError, ValueError):  # e.g. empty bytes
+            tensors.append(None)
+    valid = [i for i, t in enumerate(tensors) if t is not None and t.numel() > 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders for TorchCodec; libjpeg warnings
+        if device.type == "cuda" and valid:
+            try:
+                batch = decode_jpeg([tensors[i] for i in valid], mode=ImageReadMode.RGB, device=device)
+                for i, image in zip(valid, batch):
+                    decoded[i] = image
+            except Exception:  # noqa: BLE001 - any decoder failure falls back to one image at a time
+                for i in valid:
+                    try:
+                        decoded[i] = decode_jpeg(tensors[i], mode=ImageReadMode.RGB, device=device)
+                    except Exception:  # noqa: BLE001
+                        pass
+        for i in valid:
+            if decoded[i] is None:
+                try:
+                    decoded[i] = decode_image(tensors[i], mode=ImageReadMode.RGB).to(device)
+                except Exception:  # noqa: BLE001 - corrupt or unsupported data: skip it and count it
+                    pass
+    kept = [i for i, image in enumerate(decoded) if image is not None and image.ndim == 3 and image[0].numel() > 0]
+    return DecodedImages([_to_rgb(decoded[i]) for i in kept], len(data) - len(kept), kept)
+
+
+__doc__ = (__doc__ or "") + """
+Differences from the official PIL pipeline, measured on matplotlib's grace_hopper.jpg (600 x 512) with the same
+parameters on both sides, in 8-bit levels (|ours * 255 - PIL|):
+
+- Everything runs in float32 from the crop on; PIL rounds to uint8 after every op. Brightness, contrast,
+  saturation (factors 0.6, 1.4) and grayscale: mean 0.2-0.4, max 1.2 (PIL's rounding).
+- Hue: PIL goes through HSV with 8-bit channels (hue in 256 steps); here HSV is float, as in torchvision's tensor
+  path. Shifts -0.4..0.4: mean 0.25-0.6, 99th percentile 2-5, max 14 (dark, weakly saturated pixels).
+- Resize: bilinear without antialiasing (4 taps per output pixel, = F.resized_crop(antialias=False)); PIL's
+  bilinear filter widens with the shrink factor. Upscaled crops: mean 0.3, max 1 (rounding). Shrunk 1.34x: mean 1.2,
+  p99 8, max 47; shrunk 2.7x (the whole image to 224): mean 3.7, p99 33, max 93 (aliasing on edges and fine
+  texture). torchvision's antialias=True path is within 1 level of PIL, but has no batched form over boxes of
+  different sizes. This is the largest difference, and it grows with the source resolution.
+- Blur: torchvision's truncated Gaussian (23 taps at 224, reflect padding) versus PIL's box-blur approximation
+  (radius = sigma, edge padding): mean 0.4-0.65 for sigma 0.5-2, interior max 5, up to 29 in the outer 12 pixels.
+- Whole v2 view (32 views, same parameters): median per-view mean difference 1.8 levels, worst view 4.3 levels;
+  dominated by the resize.
+- The crop sampler, the flip, the order and ranges of the jitter, and every probability follow torchvision
+  (in distribution; the random streams differ).
+"""
