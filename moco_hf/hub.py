@@ -1,0 +1,663 @@
+"""Publishing a MoCo run on the Hugging Face Hub: image processor, timm-format backbone, model card, upload.
+
+`stage` builds, and `push` uploads, this layout (huggingface_hub 2.x `HfApi`, no git):
+
+    USER/NAME                        AutoModel.from_pretrained("USER/NAME", trust_remote_code=True)
+      config.json                    MoCoConfig; auto_map: AutoConfig, AutoModel, AutoModelForImageClassification
+      model.safetensors              query + key encoders and queue (safetensors only, never a pickle)
+      configuration_moco.py          the code that trust_remote_code runs
+      modeling_moco.py
+      preprocessor_config.json       BitImageProcessor = the backbone's timm eval transform
+      README.md                      model card
+      backbone/                      the query backbone alone, in timm's hub format
+        config.json                  architecture, num_features, model_args, pretrained_cfg (also the
+        model.safetensors            image processor: transformers reads pretrained_cfg as TimmWrapperImageProcessor)
+        README.md
+
+    USER/NAME-timm                   the files of backbone/ at the repository root (`backbone_repo_id`)
+
+Why the backbone also gets its own repository: timm 1.0.31 reads `hf-hub:` names as `owner/name[@revision]` and
+downloads `config.json` and the weights from the repository root (`timm.models._hub.hf_split` +
+`hf_hub_download(repo_id, "config.json")`, no subfolder argument); `hf-hub:USER/NAME/backbone` is refused by
+huggingface_hub's repo id validation. So `timm.create_model("hf-hub:USER/NAME-timm", pretrained=True)` needs a
+repository whose root is the backbone. `backbone/` stays in the main repository so that one repository holds the
+whole run: transformers loads it with `AutoModel.from_pretrained("USER/NAME", subfolder="backbone")` (TimmWrapper)
+and timm with `local-dir:` after `snapshot_download(..., allow_patterns="backbone/*")`.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+from huggingface_hub.utils import validate_repo_id
+from torch import nn
+from transformers import BitImageProcessor
+from transformers.image_utils import PILImageResampling
+
+from . import __version__
+from .configuration_moco import MoCoConfig
+from .modeling_moco import MoCoForImageClassification, MoCoModel
+
+BACKBONE_SUBFOLDER = "backbone"
+BACKBONE_REPO_SUFFIX = "-timm"
+RECORD_FILES = ("metrics.json", "training_config.json", "training_args.json")
+_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
+_SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "credential")
+_RESAMPLE = {
+    "nearest": PILImageResampling.NEAREST,
+    "bilinear": PILImageResampling.BILINEAR,
+    "bicubic": PILImageResampling.BICUBIC,
+    "lanczos": PILImageResampling.LANCZOS,
+    "box": PILImageResampling.BOX,
+    "hamming": PILImageResampling.HAMMING,
+}
+
+
+class HubError(Exception):
+    """An expected failure (bad model folder, no token, refused upload): the CLI prints it as one line."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading a run folder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_moco(model_dir: str | os.PathLike) -> MoCoModel | MoCoForImageClassification:
+    """A MoCo folder written by `save_pretrained` (pretraining or linear evaluation), in eval mode.
+
+    Raises `HubError` with the reason when the folder is missing, is not a MoCo model or has no weights.
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise HubError(f"model directory {str(path)!r} does not exist (expected the folder written by save_pretrained)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise HubError(f"{str(path)!r} has no config.json: not a folder written by save_pretrained")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HubError(f"{config_file} is not valid JSON: {e}") from e
+    if config.get("model_type") != MoCoConfig.model_type:
+        raise HubError(
+            f"{str(path)!r} holds a {config.get('model_type')!r} model, not a MoCo model (model_type 'moco')"
+        )
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise HubError(f"{str(path)!r} has no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+    is_classifier = "MoCoForImageClassification" in (config.get("architectures") or [])
+    model_class = MoCoForImageClassification if is_classifier else MoCoModel
+    try:
+        return model_class.from_pretrained(path).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise HubError(f"could not load {str(path)!r} as {model_class.__name__}: {_first_line(e)}") from e
+
+
+def _as_model(model_or_dir) -> nn.Module:
+    return model_or_dir if isinstance(model_or_dir, nn.Module) else load_moco(model_or_dir)
+
+
+def _backbone_of(model_or_config) -> nn.Module:
+    """The timm backbone of a MoCo model, a timm model itself, or one built (on the meta device) from a config."""
+    if isinstance(model_or_config, MoCoConfig):
+        kwargs = dict(model_or_config.backbone_kwargs or {})
+        try:
+            with torch.device("meta"):  # only pretrained_cfg is needed: skip allocating the weights
+                return timm.create_model(model_or_config.backbone, pretrained=False, num_classes=0, **kwargs)
+        except (RuntimeError, NotImplementedError):
+            return timm.create_model(model_or_config.backbone, pretrained=False, num_classes=0, **kwargs)
+    if hasattr(model_or_config, "get_backbone"):
+        return model_or_config.get_backbone()
+    if isinstance(model_or_config, nn.Module) and hasattr(model_or_config, "pretrained_cfg"):
+        return model_or_config
+    raise TypeError(f"expected a MoCo model, a MoCoConfig or a timm model, got {type(model_or_config).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image processor
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_data_config(model_or_config, data_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """timm's eval data config of the backbone, with `data_config` overriding input_size / img_size / crop_pct /
+    crop_mode / interpolation / mean / std (e.g. a 32 px CIFAR run).
+
+    `timm.data.resolve_input_data_config` is `timm.data.resolve_data_config({}, model=backbone)` that also
+    respects the size a fixed-size backbone was built with (a ViT created with `img_size=32` gets 32, not its
+    pretrained_cfg's 224) and refuses a requested size that such a model cannot take (ValueError).
+    """
+    return timm.data.resolve_input_data_config(_backbone_of(model_or_config), args=dict(data_config or {}))
+
+
+def image_processor_from_data_config(data_config: dict[str, Any]) -> BitImageProcessor:
+    """A transformers `BitImageProcessor` that performs timm's eval transform for `data_config`.
+
+    timm: Resize(shorter side -> floor(size / crop_pct)), CenterCrop(size), ToTensor, Normalize(mean, std).
+    BitImageProcessor: resize `shortest_edge`, center crop `crop_size`, rescale 1/255, normalise: the same steps.
+    Its PIL backend gives timm's output exactly except that transformers places an odd crop margin at
+    floor(margin / 2) and torchvision at round(margin / 2) (a one-pixel shift for some image sizes); its default
+    torchvision backend resizes a tensor with antialiasing, within 1-2 intensity levels of PIL.
+    """
+    _, height, width = data_config["input_size"]
+    crop_pct = data_config.get("crop_pct") or timm.data.DEFAULT_CROP_PCT
+    crop_mode = data_config.get("crop_mode") or "center"
+    scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    if crop_mode == "center" and scale[0] == scale[1]:
+        size = {"shortest_edge": scale[0]}
+    elif crop_mode in ("center", "squash"):
+        if crop_mode == "center":
+            warnings.warn(
+                f"non-square input size {(height, width)}: timm keeps the aspect ratio (ResizeKeepRatio), "
+                "the image processor resizes to the scaled size directly",
+                stacklevel=2,
+            )
+        size = {"height": scale[0], "width": scale[1]}
+    else:
+        raise ValueError(
+            f"crop_mode {crop_mode!r} has no transformers image processor equivalent; use 'center' or 'squash'"
+        )
+    interpolation = data_config.get("interpolation") or "bilinear"
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {sorted(_RESAMPLE)}")
+    return BitImageProcessor(
+        do_resize=True,
+        size=size,
+        resample=_RESAMPLE[interpolation],
+        do_center_crop=True,
+        crop_size={"height": height, "width": width},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[float(v) for v in data_config["mean"]],
+        image_std=[float(v) for v in data_config["std"]],
+        do_convert_rgb=True,
+    )
+
+
+def save_image_processor(
+    model_or_config, out_dir: str | os.PathLike, data_config: dict[str, Any] | None = None
+) -> BitImageProcessor:
+    """Write `preprocessor_config.json` with the backbone's timm eval transform (see
+    `image_processor_from_data_config`), so `AutoImageProcessor.from_pretrained(out_dir)` and the
+    `image-feature-extraction` pipeline work without a user transform. Returns the processor."""
+    processor = image_processor_from_data_config(resolve_data_config(model_or_config, data_config))
+    processor.save_pretrained(out_dir)
+    return processor
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timm-format backbone
+# ---------------------------------------------------------------------------------------------------------
+
+
+def export_timm_backbone(
+    moco_model_or_dir,
+    out_dir: str | os.PathLike,
+    data_config: dict[str, Any] | None = None,
+    license: str | None = None,
+) -> Path:
+    """Write the query backbone alone in timm's hub format: `config.json` + `model.safetensors`.
+
+    Written by timm's own `timm.models.save_for_hf` (safetensors only; config: architecture, num_features, model_args,
+    pretrained_cfg with the eval preprocessing) except that `num_classes` is removed from `model_args`:
+    transformers' TimmWrapper calls `timm.create_model(architecture, num_classes=..., **model_args)`, which fails
+    with "got multiple values for keyword argument 'num_classes'" when model_args has it. timm still builds the
+    classifier-free model from the root `num_classes: 0`. Loads with `timm.create_model("local-dir:" + out_dir,
+    pretrained=True)` and with transformers `AutoModel` / `AutoModelForImageClassification(num_labels=N)`.
+    """
+    model = _as_model(moco_model_or_dir)
+    backbone = _backbone_of(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = resolve_data_config(backbone, data_config)
+    keys = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+    pretrained_cfg = {"tag": "moco", "num_classes": 0}
+    if license:
+        pretrained_cfg["license"] = license
+    timm.models.save_for_hf(
+        backbone,
+        out,
+        model_config={"pretrained_cfg": pretrained_cfg},
+        safe_serialization=True,
+        data_config={k: data[k] for k in keys if k in data},
+    )
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    model_args = config.get("model_args", {})
+    model_args.pop("num_classes", None)
+    if model_args:
+        config["model_args"] = model_args
+    else:
+        config.pop("model_args", None)
+    config["num_classes"] = 0
+    config["pretrained_cfg"]["num_classes"] = 0
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_run_records(model_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """`metrics.json`, `training_config.json`, `training_args.json` of a run folder, where present.
+
+    A list of records (one per epoch) becomes its last record. Keys that look like secrets (hub_token, ...) are
+    dropped, so they can never reach the model card.
+    """
+    records = {}
+    for name in RECORD_FILES:
+        path = Path(model_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            warnings.warn(f"ignoring {path}: not valid JSON", stacklevel=2)
+            continue
+        if isinstance(value, list):
+            value = next((v for v in reversed(value) if isinstance(v, dict)), {})
+        if isinstance(value, dict):
+            records[name] = _without_secrets(value)
+    return records
+
+
+def _without_secrets(value):
+    if isinstance(value, dict):
+        return {k: _without_secrets(v) for k, v in value.items() if not any(w in str(k).lower() for w in _SECRET_WORDS)}
+    if isinstance(value, list):
+        return [_without_secrets(v) for v in value]
+    return value
+
+
+def _flat_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_scalars(value, prefix=f"{name}."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[name] = value
+        else:
+            out[name] = json.dumps(value)
+    return out
+
+
+def _find_metric(metrics: dict[str, Any], *needles: tuple[str, ...]) -> tuple[str, float] | None:
+    for key, value in metrics.items():
+        low = key.lower().replace("-", "").replace("_", "")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and all(
+            any(n in low for n in alternatives) for alternatives in needles
+        ):
+            return key, float(value)
+    return None
+
+
+def build_model_card(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    backbone_repo_id: str | None = None,
+    license: str = "apache-2.0",
+    datasets: list[str] | None = None,
+    config: MoCoConfig | None = None,
+) -> ModelCard:
+    """The README.md of the main repository: metadata (library transformers, pipeline image-feature-extraction,
+    tags, license, datasets), the MoCo configuration, the training configuration and metrics recorded in
+    `model_dir` (kNN accuracy, linear top-1 where present) and copy-paste usage for transformers, moco_hf and timm.
+    """
+    config = config or MoCoConfig.from_pretrained(model_dir)
+    backbone_repo_id = backbone_repo_id or f"{repo_id}{BACKBONE_REPO_SUFFIX}"
+    records = read_run_records(model_dir)
+    training = {}
+    for name in ("training_config.json", "training_args.json"):
+        training.update(_flat_scalars(records.get(name, {})))
+    metrics = _flat_scalars(records.get("metrics.json", {}))
+    if not datasets:
+        names = ("dataset_name", "dataset", "data.dataset")
+        found = next((training[k] for k in names if isinstance(training.get(k), str)), None)
+        datasets = [found] if found and _is_repo_id(found) else None
+
+    knn = _find_metric(metrics, ("knn",), ("acc", "top1"))
+    linear = _find_metric(metrics, ("linear", "lincls"), ("top1", "acc"))
+    version = "v2" if config.mlp_head else "v1"
+    is_classifier = "MoCoForImageClassification" in (config.architectures or [])
+    data = ModelCardData(
+        library_name="transformers",
+        license=license,
+        pipeline_tag="image-classification" if is_classifier else "image-feature-extraction",
+        tags=["moco", f"moco-{version}", "self-supervised", "contrastive", "timm", config.backbone],
+        datasets=datasets,
+    )
+
+    lines = [
+        f"# MoCo {version} / {config.backbone}",
+        "",
+        f"Momentum Contrast (MoCo {version}) pretraining of a timm `{config.backbone}` backbone, saved with "
+        "moco_hf as a transformers `PreTrainedModel`. The query encoder's pooled features "
+        "(`pooler_output`) are the representation; the key encoder and the queue are kept so training can resume.",
+        "",
+        "- He et al., 2019, *Momentum Contrast for Unsupervised Visual Representation Learning* (MoCo v1), "
+        "arXiv:1911.05722",
+        "- Chen et al., 2020, *Improved Baselines with Momentum Contrastive Learning* (MoCo v2), arXiv:2003.04297",
+        "",
+        "## Results",
+        "",
+    ]
+    if knn or linear or metrics:
+        if knn:
+            lines.append(f"- kNN accuracy (`{knn[0]}`): **{knn[1]:g}**")
+        if linear:
+            lines.append(f"- linear evaluation top-1 (`{linear[0]}`): **{linear[1]:g}**")
+        lines += ["", "All metrics recorded by the run (`metrics.json`):", "", *_table(metrics)]
+    else:
+        lines.append("No metrics were recorded with this checkpoint.")
+    hidden = ("transformers_version", "architectures", "model_type", "dtype", "auto_map")
+    model_config = {k: v for k, v in _flat_scalars(config.to_diff_dict()).items() if k.split(".")[0] not in hidden}
+    lines += ["", "## Model configuration", "", *_table(model_config)]
+    if training:
+        lines += ["", "## Training configuration", "", *_table(training)]
+    lines += ["", "## Usage", "", _usage(repo_id, backbone_repo_id)]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def _table(values: dict[str, Any]) -> list[str]:
+    rows = ["| key | value |", "| --- | --- |"]
+    for key, value in values.items():
+        text = json.dumps(value) if not isinstance(value, str) else value
+        text = text if len(text) <= 200 else text[:197] + "..."
+        rows.append(f"| `{key}` | {text.replace('|', '&#124;')} |")
+    return rows
+
+
+def _usage(repo_id: str, backbone_repo_id: str) -> str:
+    return f'''Features with transformers only (the modeling code ships with the weights):
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+processor = AutoImageProcessor.from_pretrained("{repo_id}")
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True).eval()
+with torch.no_grad():
+    features = model(**processor(Image.open("cat.jpg"), return_tensors="pt")).pooler_output  # N x num_features
+
+# or: pipeline("image-feature-extraction", model="{repo_id}", trust_remote_code=True)(image, pool=True)
+```
+
+With moco_hf installed (resume pretraining, or linear evaluation on frozen features):
+
+```python
+import moco_hf
+
+model = moco_hf.MoCoModel.from_pretrained("{repo_id}")
+classifier = moco_hf.MoCoForImageClassification.from_pretrained("{repo_id}", num_labels=10, freeze_backbone=True)
+```
+
+The backbone alone, in timm's format (`{backbone_repo_id}`, the same files as `{BACKBONE_SUBFOLDER}/` here):
+
+```python
+import timm
+from transformers import AutoModel, AutoModelForImageClassification
+
+backbone = timm.create_model("hf-hub:{backbone_repo_id}", pretrained=True)  # num_classes=0: pooled features
+transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=backbone))
+
+wrapped = AutoModel.from_pretrained("{backbone_repo_id}")  # transformers TimmWrapperModel
+finetune = AutoModelForImageClassification.from_pretrained("{backbone_repo_id}", num_labels=10)
+```'''
+
+
+def build_backbone_card(
+    repo_id: str, backbone_repo_id: str, config: MoCoConfig, license: str = "apache-2.0"
+) -> ModelCard:
+    """The README.md of the timm-format backbone repository."""
+    data = ModelCardData(
+        library_name="timm",
+        license=license,
+        pipeline_tag="image-feature-extraction",
+        tags=["moco", "self-supervised", "contrastive", "timm", "transformers", config.backbone],
+    )
+    body = f'''# {config.backbone}, MoCo-pretrained (timm format)
+
+The query backbone of [{repo_id}](https://huggingface.co/{repo_id}) without classifier (`num_classes=0`),
+in timm's format.
+
+```python
+import timm
+from transformers import AutoModel
+
+backbone = timm.create_model("hf-hub:{backbone_repo_id}", pretrained=True)
+classifier = timm.create_model("hf-hub:{backbone_repo_id}", pretrained=True, num_classes=10)
+wrapped = AutoModel.from_pretrained("{backbone_repo_id}")  # transformers TimmWrapperModel
+```
+'''
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Staging and upload
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_repo_id(repo_id: str, what: str = "repo_id") -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubError(f"{what} {repo_id!r} is not a valid repository id: {_first_line(e)}") from e
+    if repo_id.count("/") != 1:
+        raise HubError(f"{what} {repo_id!r} must name its owner: USER/NAME or ORG/NAME")
+
+
+def default_data_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Eval preprocessing recorded by the run, as a timm data-config override: `image_size`, `eval_crop_pct` or
+    `crop_pct`, `interpolation`, `mean`, `std` from `training_config.json` / `training_args.json`.
+
+    A run that records its image size but no crop fraction gets crop_pct 1.0 (resize the shorter side to the size,
+    center crop): that is the transform of moco_hf's kNN monitor (pretrain.py), so the published processor matches
+    the kNN accuracy on the card. Mean / std not recorded come from the backbone's timm config, as in pretrain.py.
+    """
+    records = read_run_records(model_dir)
+    found: dict[str, Any] = {}
+    for name in ("training_config.json", "training_args.json"):
+        found.update(_flat_scalars(records.get(name, {})))
+        for key, value in records.get(name, {}).items():  # lists (mean, std) are kept as lists
+            if isinstance(value, (list, tuple)):
+                found[key] = value
+    out: dict[str, Any] = {}
+    for key in ("image_size", "img_size", "input_size", "data.image_size"):
+        size = found.get(key)
+        if isinstance(size, int) and not isinstance(size, bool):
+            out["input_size"] = (3, size, size)
+            out["crop_pct"] = 1.0
+            break
+    for key in ("eval_crop_pct", "crop_pct"):
+        if isinstance(found.get(key), (int, float)) and not isinstance(found[key], bool):
+            out["crop_pct"] = float(found[key])
+            break
+    if isinstance(found.get("interpolation"), str) and found["interpolation"] in _RESAMPLE:
+        out["interpolation"] = found["interpolation"]
+    for key in ("mean", "std"):
+        if isinstance(found.get(key), (list, tuple)) and len(found[key]) == 3:
+            out[key] = tuple(float(v) for v in found[key])
+    return out
+
+
+def stage(
+    model_dir: str | os.PathLike,
+    staging_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    backbone_repo_id: str | None = None,
+    data_config: dict[str, Any] | None = None,
+    license: str = "apache-2.0",
+    datasets: list[str] | None = None,
+) -> list[str]:
+    """Build in `staging_dir` exactly what `push` uploads (see the module docstring for the layout) and return
+    the relative paths of its files. `staging_dir` must be new or empty."""
+    _check_repo_id(repo_id)
+    backbone_repo_id = backbone_repo_id or f"{repo_id}{BACKBONE_REPO_SUFFIX}"
+    _check_repo_id(backbone_repo_id, "backbone_repo_id")
+    out = Path(staging_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HubError(f"staging directory {str(out)!r} exists and is not empty; give a new or empty directory")
+    model = load_moco(model_dir)
+    try:
+        data_config = resolve_data_config(model, default_data_config(model_dir) if data_config is None else data_config)
+        image_processor_from_data_config(data_config)
+    except ValueError as e:
+        raise HubError(f"no eval preprocessing for backbone {model.config.backbone!r}: {e}") from e
+    out.mkdir(parents=True, exist_ok=True)
+
+    model.save_pretrained(out, safe_serialization=True)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config.setdefault("auto_map", {}).update(
+        {
+            "AutoConfig": "configuration_moco.MoCoConfig",
+            "AutoModel": "modeling_moco.MoCoModel",
+            "AutoModelForImageClassification": "modeling_moco.MoCoForImageClassification",
+        }
+    )
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in ("configuration_moco.py", "modeling_moco.py"):  # copied by save_pretrained (register_for_auto_class)
+        if not (out / name).is_file():
+            shutil.copy(Path(__file__).with_name(name), out / name)
+    for pickled in out.glob("*.bin"):
+        pickled.unlink()
+
+    save_image_processor(model, out, data_config)
+    build_model_card(
+        model_dir, repo_id, backbone_repo_id=backbone_repo_id, license=license, datasets=datasets, config=model.config
+    ).save(out / "README.md")
+
+    backbone_dir = export_timm_backbone(model, out / BACKBONE_SUBFOLDER, data_config=data_config, license=license)
+    build_backbone_card(repo_id, backbone_repo_id, model.config, license=license).save(backbone_dir / "README.md")
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+
+def resolve_token(token: str | None = None) -> str:
+    """`token`, else `HF_TOKEN`, else the stored login (`huggingface_hub.get_token()`); `HubError` if none."""
+    token = token or get_token()
+    if not token:
+        raise HubError(
+            "no Hugging Face token: pass --token, set HF_TOKEN, or log in once with `hf auth login` "
+            "(a token with write access)"
+        )
+    return token
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    backbone_repo_id: str | None
+    files: list[str]
+    commit_urls: list[str]
+
+
+def push(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    api: HfApi | None = None,
+    *,
+    backbone_repo_id: str | None = None,
+    push_backbone: bool = True,
+    data_config: dict[str, Any] | None = None,
+    license: str = "apache-2.0",
+    datasets: list[str] | None = None,
+) -> PushResult:
+    """Stage `model_dir` and upload it to `repo_id`, and its `backbone/` to `backbone_repo_id` (default
+    `repo_id + "-timm"`) unless `push_backbone=False`: `create_repo(exist_ok=True)`, `create_branch(exist_ok=True)`
+    when `revision` is given, then one `upload_folder` commit per repository.
+
+    The token (argument, `HF_TOKEN` or stored login) only goes to `HfApi`; with `api` given, that object's own
+    authentication is used. Failures raise `HubError`.
+    """
+    resolved = None
+    if api is None:
+        resolved = resolve_token(token)
+        api = HfApi(token=resolved, library_name="moco_hf", library_version=__version__)
+    secret = resolved or token or ""
+    backbone_repo_id = backbone_repo_id or f"{repo_id}{BACKBONE_REPO_SUFFIX}"
+    with tempfile.TemporaryDirectory(prefix="moco_hf_stage_") as tmp:
+        staged = Path(tmp) / "repo"
+        files = stage(
+            model_dir, staged, repo_id, backbone_repo_id=backbone_repo_id, data_config=data_config,
+            license=license, datasets=datasets,
+        )
+        leaked = [f for f in files if secret and secret.encode() in (staged / f).read_bytes()]
+        if leaked:  # e.g. a token pasted into a recorded command line: never upload it
+            raise HubError(f"the Hugging Face token appears in {', '.join(leaked)}; remove it from {model_dir}")
+        message = commit_message or f"Upload MoCo model ({len(files)} files, moco_hf {__version__})"
+        uploads = [(repo_id, staged, message)]
+        if push_backbone:
+            message = commit_message or f"Upload the timm-format backbone of {repo_id}"
+            uploads.append((backbone_repo_id, staged / BACKBONE_SUBFOLDER, message))
+        commit_urls = []
+        for target, folder, message in uploads:
+            try:
+                url = api.create_repo(repo_id=target, private=private, exist_ok=True)
+                target = getattr(url, "repo_id", None) or target
+                if revision is not None:
+                    api.create_branch(repo_id=target, branch=revision, exist_ok=True)
+                info = api.upload_folder(
+                    repo_id=target, folder_path=str(folder), commit_message=message, revision=revision
+                )
+            except (HfHubHTTPError, HFValidationError, OSError) as e:
+                reason = f"upload to {target} failed: {type(e).__name__}: {_first_line(e)}"
+                raise HubError(_redact(reason, secret)) from None
+            commit_urls.append(str(getattr(info, "commit_url", None) or info))
+    return PushResult(repo_id, backbone_repo_id if push_backbone else None, files, commit_urls)
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _redact(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+__all__ = [
+    "BACKBONE_SUBFOLDER",
+    "HubError",
+    "PushResult",
+    "build_backbone_card",
+    "build_model_card",
+    "default_data_config",
+    "export_timm_backbone",
+    "image_processor_from_data_config",
+    "load_moco",
+    "push",
+    "read_run_records",
+    "resolve_data_config",
+    "resolve_token",
+    "save_image_processor",
+    "stage",
+]
