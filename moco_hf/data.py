@@ -1,0 +1,394 @@
+"""Data for MoCo pretraining: HF Datasets sources, streamed and split across processes, and two-view augmentation.
+
+Sources (all end up as a `datasets.IterableDataset` of raw, undecoded images):
+- a Hub dataset by name (`load_dataset(name, streaming=True)`),
+- a local folder (`train_dir`): an image folder (`class/xxx.jpg`, optionally under `train/`, `test/` ...),
+  parquet files or webdataset `.tar` shards,
+- the embedded default: scikit-learn's bundled handwritten digits, written once as an image folder.
+
+Images are decoded by us, not by `datasets`, so that a corrupt or truncated file is skipped and counted
+instead of ending the run. Every image is converted to RGB (grayscale, RGBA, palette and CMYK included).
+
+Augmentation follows the papers' pipelines (`PRESETS`), with parameters drawn from an explicit
+`torch.Generator` seeded from (seed, epoch, rank, worker), so a run is reproducible and can be resumed
+exactly by replaying the data position.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageFile, ImageFilter
+from torchvision.transforms.v2 import functional as TF
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentPreset:
+    """One MoCo augmentation pipeline. Each random op is applied with its probability."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area fraction
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5  # Gaussian blur, sigma ~ U(0.1, 2.0)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    flip_prob: float = 0.5
+
+
+PRESETS = {
+    # MoCo v1 (He et al. 2019, Sec. 4.1): "a 224x224-pixel crop is taken from a randomly resized image, and then
+    # undergoes random color jittering, random horizontal flip, and random grayscale conversion".
+    "v1": AugmentPreset(jitter=(0.4, 0.4, 0.4, 0.4), jitter_prob=1.0, blur_prob=0.0),
+    # MoCo v2 (Chen et al. 2020): v1 + blur augmentation, jitter applied with p=0.8.
+    "v2": AugmentPreset(),
+    # Official CIFAR-10 demo: RandomResizedCrop(32), jitter p=0.8, grayscale 0.2, flip; no blur.
+    "cifar": AugmentPreset(blur_prob=0.0),
+}
+
+
+def sample_resized_crop(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop, torchvision's RandomResizedCrop algorithm with an explicit generator:
+    up to 10 tries of area ~ U(scale) * H * W and log-aspect ~ U(log ratio), then the central crop fallback."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(4, generator=generator).tolist()
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u[2] * (height - h + 1)), height - h)
+            left = min(int(u[3] * (width - w + 1)), width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class TwoViewTransform:
+    """Two independently augmented views of one PIL image, as normalised float tensors (3 x size x size)."""
+
+    def __init__(self, preset: str | AugmentPreset, size: int, mean, std, crop_min_scale: float | None = None):
+        if isinstance(preset, str):
+            if preset not in PRESETS:
+                raise ValueError(f"unknown augmentation {preset!r}; choose one of {sorted(PRESETS)}")
+            preset = PRESETS[preset]
+        if crop_min_scale is not None:
+            preset = AugmentPreset(**{**preset.__dict__, "crop_scale": (float(crop_min_scale), 1.0)})
+        self.preset = preset
+        self.size = int(size)
+        self.mean = list(mean)
+        self.std = list(std)
+
+    def view(self, image: Image.Image, g: torch.Generator) -> torch.Tensor:
+        p = self.preset
+        top, left, h, w = sample_resized_crop(image.height, image.width, p.crop_scale, (3 / 4, 4 / 3), g)
+        image = image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        u = torch.rand(4, generator=g).tolist()
+        if u[0] < p.jitter_prob:
+            image = self._jitter(image, g)
+        if u[1] < p.grayscale_prob:
+            image = image.convert("L").convert("RGB")
+        if u[2] < p.blur_prob:
+            sigma = p.blur_sigma[0] + (p.blur_sigma[1] - p.blur_sigma[0]) * torch.rand(1, generator=g).item()
+            image = image.filter(ImageFilter.GaussianBlur(radius=sigma))  # as the official v2 code
+        if u[3] < p.flip_prob:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        tensor = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)
+        return TF.normalize(tensor, self.mean, self.std)
+
+    def _jitter(self, image: Image.Image, g: torch.Generator) -> Image.Image:
+        """ColorJitter: factors drawn uniformly, the four ops in a random order (torchvision semantics)."""
+        b, c, s, h = self.preset.jitter
+        order = torch.randperm(4, generator=g).tolist()
+        u = torch.rand(4, generator=g).tolist()
+        for op in order:
+            if op == 0 and b > 0:
+                image = TF.adjust_brightness(image, max(0.0, 1 - b) + 2 * b * u[0])
+            elif op == 1 and c > 0:
+                image = TF.adjust_contrast(image, max(0.0, 1 - c) + 2 * c * u[1])
+            elif op == 2 and s > 0:
+                image = TF.adjust_saturation(image, max(0.0, 1 - s) + 2 * s * u[2])
+            elif op == 3 and h > 0:
+                image = TF.adjust_hue(image, -h + 2 * h * u[3])
+        return image
+
+    def __call__(self, image: Image.Image, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view(image, g), self.view(image, g)
+
+
+class EvalTransform:
+    """Resize the shorter side to size / crop_pct, center crop `size`, normalise (kNN monitor and evaluation)."""
+
+    def __init__(self, size: int, mean, std, crop_pct: float = 1.0):
+        self.size, self.mean, self.std = int(size), list(mean), list(std)
+        self.resize = int(math.floor(size / crop_pct))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = TF.center_crop(TF.resize(image, self.resize, interpolation=TF.InterpolationMode.BILINEAR), self.size)
+        return TF.normalize(TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True), self.mean, self.std)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------------------
+
+
+def decode_image(value) -> Image.Image | None:
+    """RGB PIL image from a datasets image value (dict with bytes/path, PIL image, raw bytes or a path).
+
+    Returns None (never raises) for anything that cannot be decoded completely: corrupt, truncated, empty.
+    """
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        else:
+            if isinstance(value, dict):
+                data, path = value.get("bytes"), value.get("path")
+            elif isinstance(value, (bytes, bytearray)):
+                data, path = value, None
+            else:
+                data, path = None, value
+            source = io.BytesIO(data) if data else path
+            if source is None:
+                return None
+            image = Image.open(source)
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        image.load()
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if image.width < 1 or image.height < 1:
+            return None
+        return image
+    except Exception:  # noqa: BLE001 - any decoder failure means "skip this image"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------------------
+
+
+def digits_image_folder(cache_dir: str | None = None, size: int = 32) -> str:
+    """scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes) as an image folder.
+
+    Written once (atomically) as `train/<label>/*.png` (80 %) and `test/<label>/*.png` (every 5th image, 20 %),
+    upscaled to `size` pixels. Returns the folder.
+    """
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    cache_dir = cache_dir or os.environ.get("MOCO_HF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moco_hf")
+    root = os.path.join(cache_dir, f"digits_{size}px")
+    if os.path.isfile(os.path.join(root, "COMPLETE")):
+        return root
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".digits-", dir=cache_dir)
+    digits = load_digits()
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        split = "test" if i % 5 == 0 else "train"
+        folder = os.path.join(tmp, split, str(int(label)))
+        os.makedirs(folder, exist_ok=True)
+        array = (pixels / 16.0 * 255).clip(0, 255).astype(np.uint8)
+        Image.fromarray(array, mode="L").resize((size, size), Image.BILINEAR).save(os.path.join(folder, f"{i:04d}.png"))
+    open(os.path.join(tmp, "COMPLETE"), "w").close()
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+@dataclass
+class SourceInfo:
+    dataset: object  # datasets.IterableDataset of raw images
+    num_examples: int | None
+    image_column: str
+    label_column: str | None
+
+
+def _local_builder(path: str) -> tuple[str, dict]:
+    """Which `datasets` builder reads a local folder: parquet files, webdataset shards, or an image folder."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"train_dir {path!r} does not exist or is not a folder")
+    files = [f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(f)]
+    if any(f.endswith(".parquet") for f in files):
+        return "parquet", {"data_dir": path}
+    if any(f.endswith(".tar") for f in files):
+        return "webdataset", {"data_dir": path}
+    if not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+        raise ValueError(
+            f"train_dir {path!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}), parquet files or .tar shards"
+        )
+    return "imagefolder", {"data_dir": path}
+
+
+def find_image_column(features, requested: str | None) -> str:
+    """The image column: `requested` if given (must exist), else the first column of type Image, else a column
+    named like an image."""
+    from datasets import Image as ImageFeature
+
+    names = list(features) if features is not None else []
+    if requested:
+        if names and requested not in names:
+            raise ValueError(f"image_column {requested!r} is not in the dataset; its columns are {names}")
+        return requested
+    for name in names:
+        if isinstance(features[name], ImageFeature):
+            return name
+    for name in names:
+        if name.lower() in ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values"):
+            return name
+    raise ValueError(f"the dataset has no image column (columns: {names}); name it with image_column")
+
+
+def find_label_column(features, requested: str | None) -> str | None:
+    names = list(features) if features is not None else []
+    if requested:
+        if names and requested not in names:
+            raise ValueError(f"label_column {requested!r} is not in the dataset; its columns are {names}")
+        return requested
+    for name in ("label", "labels", "cls", "class", "fine_label"):
+        if name in names:
+            return name
+    return None
+
+
+def load_source(
+    split: str,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    train_dir: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    num_shards: int = 16,
+    demo_image_size: int = 32,
+) -> SourceInfo:
+    """A streamed split of the configured source, images left undecoded.
+
+    Local data is indexed with `load_dataset` (an image folder keeps only file paths in its Arrow table) and
+    streamed with `to_iterable_dataset(num_shards)`, so DataLoader workers and processes each get shards;
+    a Hub dataset streams directly.
+    """
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
+
+    if dataset_name:
+        ds = load_dataset(dataset_name, dataset_config, split=split, streaming=True)
+        info_splits = getattr(ds.info, "splits", None) or {}
+        num_examples = info_splits[split].num_examples if split in info_splits else None
+    else:
+        path = train_dir or digits_image_folder(size=demo_image_size)
+        builder, kwargs = _local_builder(path)
+        if builder == "webdataset":
+            ds = load_dataset(builder, split=split, streaming=True, **kwargs)
+            num_examples = None
+        else:
+            try:
+                table = load_dataset(builder, split=split, **kwargs)
+            except ValueError as err:
+                if "Unknown split" in str(err) or "split" in str(err).lower():
+                    raise ValueError(f"split {split!r} not found in {path!r}: {err}") from err
+                raise
+            num_examples = len(table)
+            if num_examples == 0:
+                raise ValueError(f"split {split!r} of {path!r} is empty")
+            ds = table.to_iterable_dataset(num_shards=max(1, min(num_shards, num_examples)))
+    features = ds.features
+    image_col = find_image_column(features, image_column)
+    label_col = find_label_column(features, label_column)
+    if features is not None and isinstance(features.get(image_col), ImageFeature):
+        ds = ds.cast_column(image_col, ImageFeature(decode=False))
+    if num_examples == 0:
+        raise ValueError(f"split {split!r} is empty")
+    return SourceInfo(ds, num_examples, image_col, label_col)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streams for the training loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+class TwoViewStream(torch.utils.data.IterableDataset):
+    """Decodes, skips corrupt images (counting them) and yields (view_q, view_k, skipped_before) triples.
+
+    `hf_dataset` is this process's part of the stream (already split by node). The augmentation generator is
+    seeded from (seed, epoch, rank, worker id), so an epoch replays identically.
+    """
+
+    def __init__(self, hf_dataset, image_column: str, transform: TwoViewTransform, seed: int, rank: int = 0):
+        super().__init__()
+        self.hf_dataset, self.image_column, self.transform = hf_dataset, image_column, transform
+        self.seed, self.rank, self.epoch = int(seed), int(rank), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.hf_dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank, worker)) & 0x7FFF_FFFF_FFFF)
+        skipped = 0
+        for example in self.hf_dataset:
+            image = decode_image(example[self.image_column])
+            if image is None:
+                skipped += 1
+                continue
+            view_q, view_k = self.transform(image, g)
+            yield view_q, view_k, skipped
+            skipped = 0
+
+
+def collate_two_views(samples):
+    """Stack a list of (view_q, view_k, skipped) into (N x 3 x S x S, N x 3 x S x S, skipped in this batch)."""
+    views_q, views_k, skipped = zip(*samples)
+    return torch.stack(views_q), torch.stack(views_k), sum(skipped)
+
+
+class LabeledStream(torch.utils.data.IterableDataset):
+    """Decoded, eval-transformed images with labels (kNN monitor, linear evaluation); corrupt images skipped."""
+
+    def __init__(self, hf_dataset, image_column: str, label_column: str | None, transform, limit: int | None = None):
+        super().__init__()
+        self.hf_dataset, self.image_column, self.label_column = hf_dataset, image_column, label_column
+        self.transform, self.limit = transform, limit
+
+    def __iter__(self):
+        seen = 0
+        for example in self.hf_dataset:
+            if self.limit is not None and seen >= self.limit:
+                return
+            image = decode_image(example[self.image_column])
+            if image is None:
+                continue
+            label = example[self.label_column] if self.label_column else -1
+            seen += 1
+            yield self.transform(image), int(label)

@@ -1,0 +1,385 @@
+"""MoCo pretraining with Accelerate on images streamed with HF Datasets.
+
+Run it:
+    python pretrain.py                                              # embedded demo: sklearn digits, 2 CPU cores
+    accelerate launch pretrain.py --config configs/moco_v2_resnet50_imagenet.yaml \
+        --dataset_name ILSVRC/imagenet-1k                           # one GPU
+    accelerate launch --num_processes 8 pretrain.py --config configs/moco_v2_resnet50_imagenet.yaml \
+        --train_dir /data/imagenet                                  # 8 GPUs, local folder
+    accelerate launch --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --num_processes 16 \
+        pretrain.py --config configs/moco_v2_resnet50_imagenet.yaml # 2 machines x 8 GPUs (rank 1 on the other)
+    python pretrain.py --config configs/x.yaml --resume_from_checkpoint auto     # continue the newest checkpoint
+
+Any config key can be overridden as `--key value`; the resolved config is written to output_dir/config.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from datasets.distributed import split_dataset_by_node
+
+from moco_hf import MoCoConfig, MoCoModel
+from moco_hf.data import EvalTransform, LabeledStream, TwoViewStream, TwoViewTransform, collate_two_views, load_source
+from moco_hf.evaluation import extract_features, knn_accuracy
+from moco_hf.training import (
+    PretrainConfig,
+    TrainState,
+    load_config,
+    lr_at,
+    resolve_resume,
+    save_checkpoint,
+    save_config,
+)
+
+logger = logging.getLogger("pretrain")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(cfg: PretrainConfig) -> Accelerator:
+    trackers = {"none": None, "all": "all", "tensorboard": "tensorboard", "wandb": "wandb"}[cfg.report_to]
+    if trackers == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            trackers = None
+    # Every process enqueues the same gathered keys, so queues agree without DDP's buffer broadcast; leaving it
+    # on would overwrite each rank's queue (and key-encoder BN statistics) with rank 0's on every forward.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=cfg.output_dir, kwargs_handlers=[ddp]
+    )
+
+
+def build_model(cfg: PretrainConfig) -> MoCoModel:
+    model = MoCoModel(MoCoConfig(**cfg.model_kwargs()))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def data_stats(model: MoCoModel) -> dict:
+    """Normalisation and eval crop of the backbone (timm's data config)."""
+    import timm.data
+
+    data_config = timm.data.resolve_data_config({}, model=model.get_backbone())
+    return {"mean": data_config["mean"], "std": data_config["std"], "crop_pct": data_config.get("crop_pct", 0.875)}
+
+
+def build_train_loader(cfg: PretrainConfig, accelerator: Accelerator, stats: dict):
+    source = load_source(
+        cfg.train_split, cfg.dataset_name, cfg.dataset_config, cfg.train_dir, cfg.image_column, cfg.label_column,
+        num_shards=max(cfg.num_shards, accelerator.num_processes * max(1, cfg.num_workers)),
+        demo_image_size=cfg.image_size,
+    )
+    stream = source.dataset.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
+    # Split the stream here and never again: the loader below is not passed through accelerator.prepare.
+    stream = split_dataset_by_node(stream, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    transform = TwoViewTransform(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"], cfg.crop_min_scale)
+    dataset = TwoViewStream(stream, source.image_column, transform, seed=cfg.seed, rank=accelerator.process_index)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size // accelerator.num_processes,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_two_views,
+        drop_last=True,
+        pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator(),  # keeps loader seeding off the global RNG (exact resume)
+    )
+    return dataset, loader, source.num_examples
+
+
+def build_knn_loaders(cfg: PretrainConfig, stats: dict):
+    """(memory-bank loader, test loader) for the kNN monitor, or None when there is no labelled eval split."""
+    if not cfg.eval_split:
+        return None
+    transform = EvalTransform(cfg.image_size, stats["mean"], stats["std"], crop_pct=1.0)
+    loaders = []
+    for split, limit in ((cfg.train_split, cfg.knn_max_train_samples), (cfg.eval_split, cfg.knn_max_eval_samples)):
+        source = load_source(split, cfg.dataset_name, cfg.dataset_config, cfg.train_dir, cfg.image_column,
+                             cfg.label_column, num_shards=1, demo_image_size=cfg.image_size)
+        if source.label_column is None:
+            return None
+        stream = LabeledStream(source.dataset.take(limit), source.image_column, source.label_column, transform)
+        loaders.append(torch.utils.data.DataLoader(stream, batch_size=256, num_workers=min(cfg.num_workers, 1),
+                                                   generator=torch.Generator()))
+    return tuple(loaders)
+
+
+def run_knn(backbone, loaders, cfg: PretrainConfig, device) -> float:
+    bank, bank_labels = extract_features(backbone, loaders[0], device, cfg.channels_last)
+    test, test_labels = extract_features(backbone, loaders[1], device, cfg.channels_last)
+    return knn_accuracy(bank, bank_labels, test, test_labels, k=cfg.knn_k, t=cfg.knn_t)
+
+
+def random_init_knn(cfg: PretrainConfig, loaders, device) -> float:
+    """kNN accuracy of the same backbone at its random initialisation (same seed), leaving the RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        fresh = build_model(cfg).to(device)
+    return run_knn(fresh.get_backbone(), loaders, cfg, device)
+
+
+class BatchStream:
+    """Endless batches from the loader, epoch after epoch, that can start at a saved (epoch, batch) position."""
+
+    def __init__(self, dataset: TwoViewStream, loader, state: TrainState):
+        self.dataset, self.loader, self.state = dataset, loader, state
+        self.iterator = None
+
+    def _start_epoch(self, skip: int) -> None:
+        self.dataset.set_epoch(self.state.data_epoch)
+        self.iterator = iter(self.loader)
+        for _ in range(skip):  # replay to the saved position (augmentation RNG included)
+            if next(self.iterator, None) is None:
+                break
+
+    def next(self):
+        if self.iterator is None:
+            self._start_epoch(self.state.batches_in_epoch)
+        for _ in range(2):
+            batch = next(self.iterator, None)
+            if batch is not None:
+                self.state.batches_in_epoch += 1
+                return batch
+            self.state.data_epoch += 1
+            self.state.batches_in_epoch = 0
+            self._start_epoch(0)
+        raise ValueError("the training split yields no complete batch: it is empty or smaller than batch_size")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: PretrainConfig) -> dict:
+    accelerator = make_accelerator(cfg)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("accelerate", "matplotlib", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if cfg.batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {accelerator.num_processes} processes")
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+
+    model = build_model(cfg)
+    stats = data_stats(model)
+    dataset, loader, num_examples = build_train_loader(cfg, accelerator, stats)
+    if num_examples is None and cfg.max_steps <= 0:
+        raise ValueError("the dataset does not say how many examples it has (streaming); set max_steps")
+    steps_per_epoch = max(1, (num_examples or cfg.batch_size) // cfg.batch_size)
+    if num_examples is not None and num_examples < cfg.batch_size:
+        raise ValueError(f"the training split has {num_examples} images, fewer than batch_size={cfg.batch_size}")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * steps_per_epoch
+    lr = cfg.base_lr * cfg.batch_size / 256
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    if cfg.compile:
+        model.query_encoder.compile()
+        model.key_encoder.compile()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    schedule = lambda step: lr_at(step, total_steps, steps_per_epoch, lr, cfg.lr_schedule, warmup,  # noqa: E731
+                                  cfg.lr_steps) / lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+
+    accelerator.print(
+        f"global batch {cfg.batch_size} = {accelerator.num_processes} x {cfg.batch_size // accelerator.num_processes}; "
+        f"lr {lr:g} ({cfg.base_lr:g} x {cfg.batch_size}/256, {cfg.lr_schedule}); {num_examples} images, "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps; K={cfg.queue_size} m={cfg.momentum} tau={cfg.tau}; "
+        f"device {accelerator.device}, mixed precision {cfg.mixed_precision}"
+    )
+
+    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    if resume:
+        accelerator.load_state(resume)
+        accelerator.print(f"resumed from {resume} at step {state.step}")
+
+    if accelerator.trackers:
+        accelerator.init_trackers("moco", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                  for k, v in dataclasses.asdict(cfg).items()})
+    unwrapped = accelerator.unwrap_model(model)
+    knn_loaders = build_knn_loaders(cfg, stats) if accelerator.is_main_process else None
+    history = {"step": [], "loss": [], "knn_step": [], "knn": []}
+    metrics = {}
+    if knn_loaders:
+        metrics["knn_random_init"] = random_init_knn(cfg, knn_loaders, accelerator.device)
+        accelerator.print(f"kNN accuracy at random init: {metrics['knn_random_init']:.2f}%")
+
+    batches = BatchStream(dataset, loader, state)
+    progress = None
+    if accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=state.step, desc="pretrain", dynamic_ncols=True)
+    sums = torch.zeros(2, device=accelerator.device)  # loss, contrastive accuracy since the last log
+    window_steps, window_start, skipped = 0, time.perf_counter(), 0
+    stop_at = total_steps if cfg.stop_after_steps <= 0 else min(total_steps, state.step + cfg.stop_after_steps)
+    model.train()
+    while state.step < stop_at:
+        view_q, view_k, n_skipped = batches.next()
+        skipped += n_skipped
+        view_q = view_q.to(accelerator.device, non_blocking=True)
+        view_k = view_k.to(accelerator.device, non_blocking=True)
+        if cfg.channels_last:
+            view_q = view_q.contiguous(memory_format=torch.channels_last)
+            view_k = view_k.contiguous(memory_format=torch.channels_last)
+        out = model(pixel_values=view_q, key_pixel_values=view_k)
+        accelerator.backward(out.loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        window_steps += 1
+        with torch.no_grad():
+            sums += torch.stack([out.loss.detach().float(), (out.logits.argmax(dim=1) == 0).float().mean()])
+
+        if state.step % cfg.log_steps == 0 or state.step == stop_at:
+            # One host sync per log window, not per step.
+            reduced = accelerator.reduce(sums / window_steps, reduction="mean").tolist()
+            skipped_all = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), "sum").item())
+            state.skipped_images += skipped_all
+            elapsed = time.perf_counter() - window_start
+            log = {"loss": reduced[0], "contrastive_acc": 100 * reduced[1],
+                   "lr": scheduler.get_last_lr()[0], "images_per_s": window_steps * cfg.batch_size / elapsed,
+                   "epoch": state.step / steps_per_epoch, "skipped_images": state.skipped_images}
+            accelerator.log(log, step=state.step)
+            history["step"].append(state.step)
+            history["loss"].append(log["loss"])
+            if progress is not None:
+                progress.set_postfix(loss=f"{log['loss']:.3f}", acc=f"{log['contrastive_acc']:.1f}",
+                                     lr=f"{log['lr']:.3g}", img_s=f"{log['images_per_s']:.0f}")
+            if skipped_all:
+                logger.warning("skipped %d corrupt images (%d in total)", skipped_all, state.skipped_images)
+            sums.zero_()
+            window_steps, window_start, skipped = 0, time.perf_counter(), 0
+        if progress is not None:
+            progress.update(1)
+
+        end_of_epoch = state.step % steps_per_epoch == 0
+        epoch = state.step // steps_per_epoch
+        if knn_loaders and end_of_epoch and cfg.knn_every_epochs > 0 and epoch % cfg.knn_every_epochs == 0 \
+                and state.step < total_steps:
+            acc = run_knn(unwrapped.get_backbone(), knn_loaders, cfg, accelerator.device)
+            history["knn_step"].append(state.step)
+            history["knn"].append(acc)
+            accelerator.log({"knn_acc": acc}, step=state.step)
+            accelerator.print(f"\nepoch {epoch}: kNN accuracy {acc:.2f}%")
+        if (cfg.save_steps > 0 and state.step % cfg.save_steps == 0) or (state.step == stop_at < total_steps):
+            path = save_checkpoint(accelerator, cfg.output_dir, state.step, cfg.save_total_limit)
+            accelerator.print(f"\nsaved {path}")
+    if progress is not None:
+        progress.close()
+
+    if state.step < total_steps:
+        accelerator.print(f"stopped at step {state.step} of {total_steps} (stop_after_steps); resume with "
+                          f"--resume_from_checkpoint auto")
+        accelerator.end_training()
+        return metrics
+    metrics.update(finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics))
+    accelerator.end_training()
+    return metrics
+
+
+def finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics) -> dict:
+    """Final kNN, save_pretrained to output_dir/final with the run's metrics, loss/kNN plot."""
+    metrics = {**metrics, "steps": state.step, "skipped_images": state.skipped_images}
+    if knn_loaders:
+        metrics["knn_acc"] = run_knn(unwrapped.get_backbone(), knn_loaders, cfg, accelerator.device)
+        history["knn_step"].append(state.step)
+        history["knn"].append(metrics["knn_acc"])
+        accelerator.log({"knn_acc": metrics["knn_acc"]}, step=state.step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = os.path.join(cfg.output_dir, "final")
+        unwrapped.save_pretrained(final)
+        with open(os.path.join(final, "training_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        save_metrics(final, metrics)
+        plot_history(history, os.path.join(cfg.output_dir, "training_curves.png"))
+        if "knn_acc" in metrics:
+            accelerator.print(
+                f"kNN accuracy (k={cfg.knn_k}, t={cfg.knn_t}) on '{cfg.eval_split}': "
+                f"learned {metrics['knn_acc']:.2f}% vs random init {metrics.get('knn_random_init', float('nan')):.2f}%"
+            )
+        accelerator.print(f"saved the final model to {final}")
+    return metrics
+
+
+def save_metrics(model_dir: str, metrics: dict) -> None:
+    """Merge `metrics` into model_dir/metrics.json (read by the model card)."""
+    path = os.path.join(model_dir, "metrics.json")
+    existing = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            existing = json.load(f)
+    existing.update(metrics)
+    with open(path, "w") as f:
+        json.dump(existing, f, indent=2)
+
+
+def plot_history(history: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(history["step"], history["loss"])
+    axes[0].set(xlabel="step", ylabel="InfoNCE loss", title="loss")
+    axes[1].plot(history["knn_step"], history["knn"], marker="o")
+    axes[1].set(xlabel="step", ylabel="kNN top-1 (%)", title="kNN monitor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            print("error: --config needs a YAML file", file=sys.stderr)
+            return 2
+        config_path = argv[i + 1]
+        del argv[i:i + 2]
+    elif any(a.startswith("--config=") for a in argv):
+        arg = next(a for a in argv if a.startswith("--config="))
+        config_path = arg.split("=", 1)[1]
+        argv.remove(arg)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print("config keys: " + ", ".join(f.name for f in dataclasses.fields(PretrainConfig)))
+        return 0
+    try:
+        cfg = load_config(config_path, argv)
+        train(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
