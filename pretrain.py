@@ -166,7 +166,14 @@ class BatchStream:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def train(cfg: PretrainConfig) -> dict:
+@dataclasses.dataclass
+class TrainResult:
+    metrics: dict
+    model: MoCoModel  # unwrapped, on this process's device
+    state: TrainState
+
+
+def train(cfg: PretrainConfig) -> TrainResult:
     accelerator = make_accelerator(cfg)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -295,13 +302,13 @@ def train(cfg: PretrainConfig) -> dict:
         accelerator.print(f"stopped at step {state.step} of {total_steps} (stop_after_steps); resume with "
                           f"--resume_from_checkpoint auto")
         accelerator.end_training()
-        return metrics
-    metrics.update(finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics))
+        return TrainResult(metrics, unwrapped, state)
+    metrics = finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics, stats)
     accelerator.end_training()
-    return metrics
+    return TrainResult(metrics, unwrapped, state)
 
 
-def finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics) -> dict:
+def finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics, stats) -> dict:
     """Final kNN, save_pretrained to output_dir/final with the run's metrics, loss/kNN plot."""
     metrics = {**metrics, "steps": state.step, "skipped_images": state.skipped_images}
     if knn_loaders:
@@ -314,7 +321,9 @@ def finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics) ->
         final = os.path.join(cfg.output_dir, "final")
         unwrapped.save_pretrained(final)
         with open(os.path.join(final, "training_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+            # The eval transform of the kNN monitor travels with the weights (image processor, model card).
+            json.dump({**dataclasses.asdict(cfg), "mean": list(stats["mean"]), "std": list(stats["std"]),
+                       "eval_crop_pct": 1.0}, f, indent=2)
         save_metrics(final, metrics)
         plot_history(history, os.path.join(cfg.output_dir, "training_curves.png"))
         if "knn_acc" in metrics:

@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from .backbones import SmallImageResNet  # noqa: F401  (importing registers the small-image ResNets with timm)
+
 
 class MoCoConfig(PreTrainedConfig):
     r"""Configuration of a [`MoCoModel`] or [`MoCoForImageClassification`].

@@ -50,16 +50,18 @@ class AugmentPreset:
     blur_prob: float = 0.5  # Gaussian blur, sigma ~ U(0.1, 2.0)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     flip_prob: float = 0.5
+    grayscale_first: bool = False  # v1 converts to grayscale before the jitter (official code order)
 
 
 PRESETS = {
     # MoCo v1 (He et al. 2019, Sec. 4.1): "a 224x224-pixel crop is taken from a randomly resized image, and then
     # undergoes random color jittering, random horizontal flip, and random grayscale conversion".
-    "v1": AugmentPreset(jitter=(0.4, 0.4, 0.4, 0.4), jitter_prob=1.0, blur_prob=0.0),
+    "v1": AugmentPreset(jitter=(0.4, 0.4, 0.4, 0.4), jitter_prob=1.0, blur_prob=0.0, grayscale_first=True),
     # MoCo v2 (Chen et al. 2020): v1 + blur augmentation, jitter applied with p=0.8.
     "v2": AugmentPreset(),
-    # Official CIFAR-10 demo: RandomResizedCrop(32), jitter p=0.8, grayscale 0.2, flip; no blur.
-    "cifar": AugmentPreset(blur_prob=0.0),
+    # Official CIFAR-10 demo: RandomResizedCrop(32) (torchvision's default scale 0.08-1), jitter p=0.8,
+    # grayscale 0.2, flip; no blur.
+    "cifar": AugmentPreset(crop_scale=(0.08, 1.0), blur_prob=0.0),
 }
 
 
@@ -110,9 +112,11 @@ class TwoViewTransform:
         top, left, h, w = sample_resized_crop(image.height, image.width, p.crop_scale, (3 / 4, 4 / 3), g)
         image = image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
         u = torch.rand(4, generator=g).tolist()
+        if p.grayscale_first and u[1] < p.grayscale_prob:
+            image = image.convert("L").convert("RGB")
         if u[0] < p.jitter_prob:
             image = self._jitter(image, g)
-        if u[1] < p.grayscale_prob:
+        if not p.grayscale_first and u[1] < p.grayscale_prob:
             image = image.convert("L").convert("RGB")
         if u[2] < p.blur_prob:
             sigma = p.blur_sigma[0] + (p.blur_sigma[1] - p.blur_sigma[0]) * torch.rand(1, generator=g).item()

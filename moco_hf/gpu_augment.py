@@ -534,7 +534,7 @@ def build_ops(preset: str, size: int) -> tuple:
             GaussianBlur(default_blur_kernel_size(size), (0.1, 2.0), p=0.5),
             RandomHorizontalFlip(0.5),
         )
-    if preset == "cifar":  # the MoCo CIFAR-10 demo's recipe, crop scale (0.2, 1) and no blur
+    if preset == "cifar":  # the MoCo CIFAR-10 demo's recipe: crop scale (0.08, 1), no blur
         return ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), RandomGrayscale(0.2), RandomHorizontalFlip(0.5)
     raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
 
@@ -552,13 +552,14 @@ class MoCoGPUAugment:
     Args:
         preset: "v1" (crop, grayscale 0.2, jitter 0.4/0.4/0.4/0.4, flip), "v2" (crop, jitter 0.4/0.4/0.4/0.1
             with p=0.8, grayscale 0.2, blur sigma 0.1-2 with p=0.5, flip) or "cifar" (v2 without the blur);
-            every preset crops with scale (0.2, 1).
+            v1 and v2 crop with scale (0.2, 1), cifar with torchvision's default (0.08, 1) as the official demo.
         size: output side in pixels; default 224, or 32 for "cifar".
         mean: per-channel normalisation mean; default ImageNet's, or CIFAR-10's for "cifar".
         std: per-channel normalisation std; default ImageNet's, or CIFAR-10's for "cifar".
         generator: source of every random draw; must live on the batches' device. Default: torch's global RNG.
         dtype: output dtype; default float32 (all the maths runs in float32).
         channels_last: return channels_last tensors; default False.
+        crop_scale: RandomResizedCrop area range; default per preset (see above).
     """
 
     def __init__(
@@ -570,11 +571,12 @@ class MoCoGPUAugment:
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
+        crop_scale: tuple[float, float] | None = None,
     ):
         cifar = preset == "cifar"
         self.preset = preset
         self.size = size if size is not None else (32 if cifar else 224)
-        self.crop = RandomResizedCrop(self.size, scale=(0.2, 1.0))
+        self.crop = RandomResizedCrop(self.size, scale=tuple(crop_scale or ((0.08, 1.0) if cifar else (0.2, 1.0))))
         self.ops = build_ops(preset, self.size)
         self.mean = tuple(mean if mean is not None else (CIFAR10_MEAN if cifar else IMAGENET_MEAN))
         self.std = tuple(std if std is not None else (CIFAR10_STD if cifar else IMAGENET_STD))

@@ -306,7 +306,8 @@ def test_presets():
     assert [type(op) for op in v2.ops] == [G.ColorJitter, G.RandomGrayscale, G.GaussianBlur, G.RandomHorizontalFlip]
     assert v2.ops[0] == G.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8) and v2.ops[2].kernel_size == 23
     assert [type(op) for op in cifar.ops] == [G.ColorJitter, G.RandomGrayscale, G.RandomHorizontalFlip]
-    assert (v1.size, v2.size, cifar.size) == (224, 224, 32) and v2.crop.scale == cifar.crop.scale == (0.2, 1.0)
+    assert (v1.size, v2.size, cifar.size) == (224, 224, 32) and v1.crop.scale == v2.crop.scale == (0.2, 1.0)
+    assert cifar.crop.scale == (0.08, 1.0)  # torchvision default, as the official CIFAR demo
     assert cifar.mean == G.CIFAR10_MEAN and v2.std == G.IMAGENET_STD
 
 

@@ -1,0 +1,72 @@
+"""Small-image ResNets registered with timm, for 32x32 inputs (CIFAR-10, the embedded digits demo).
+
+The official MoCo CIFAR-10 demo uses torchvision's ResNet-18 with "the first 3x3 conv and no max pool"
+instead of the ImageNet 7x7 stride-2 stem and max-pool, so that a 32 px image keeps its resolution in the
+first stage. Importing this module registers:
+
+- `cifar_resnet18`: that network (BasicBlock, [2, 2, 2, 2], widths 64-512, 11.2 M parameters).
+- `cifar_resnet10_slim`: BasicBlock, [1, 1, 1, 1], widths 16-128, for quick CPU runs.
+
+They are ordinary timm models (`timm.create_model("cifar_resnet18", num_classes=0)`), built from timm's
+`ResNet` class, so all of timm's API (`forward_features`, `forward_head`, `reset_classifier`, ...) works.
+This file ships next to the modeling code so `trust_remote_code` loading can build them too.
+"""
+
+from timm.models import register_model
+from timm.models.resnet import BasicBlock, ResNet
+from torch import nn
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class SmallImageResNet(ResNet):
+    """timm ResNet whose stem is one 3x3 stride-1 conv (width `channels[0]`) and no max-pool."""
+
+    def __init__(self, block=BasicBlock, layers=(2, 2, 2, 2), channels=(64, 128, 256, 512), in_chans: int = 3, **kwargs):
+        super().__init__(block=block, layers=list(layers), channels=tuple(channels), in_chans=in_chans, **kwargs)
+        stem_width = self.bn1.num_features
+        self.conv1 = nn.Conv2d(in_chans, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.maxpool = nn.Identity()
+        # The stem no longer downsamples: stage reductions are 1, 2, 4, 8.
+        for info, reduction in zip(self.feature_info, (1, 1, 2, 4, 8)):
+            info["reduction"] = reduction
+
+
+def _cfg(name: str) -> dict:
+    return {
+        "architecture": name,
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (4, 4),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "first_conv": "conv1",
+        "classifier": "fc",
+    }
+
+
+def _create(name: str, pretrained: bool, **kwargs) -> SmallImageResNet:
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights; load a MoCo checkpoint instead")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory arguments
+        kwargs.pop(key, None)
+    kwargs.setdefault("num_classes", 10)
+    model = SmallImageResNet(**kwargs)
+    model.pretrained_cfg = model.default_cfg = _cfg(name)
+    return model
+
+
+@register_model
+def cifar_resnet18(pretrained: bool = False, **kwargs) -> SmallImageResNet:
+    """ResNet-18 with a 3x3 stride-1 stem and no max-pool (official MoCo CIFAR-10 demo)."""
+    return _create("cifar_resnet18", pretrained, layers=(2, 2, 2, 2), channels=(64, 128, 256, 512), **kwargs)
+
+
+@register_model
+def cifar_resnet10_slim(pretrained: bool = False, **kwargs) -> SmallImageResNet:
+    """One BasicBlock per stage, widths 16/32/64/128: a small-image ResNet that trains in minutes on a CPU."""
+    return _create("cifar_resnet10_slim", pretrained, layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), **kwargs)

@@ -1,0 +1,205 @@
+"""pretrain.py end to end on CPU: the embedded demo path, exact resume, checkpoints, config handling."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import pretrain  # noqa: E402
+from moco_hf.training import list_checkpoints, load_config, resolve_resume  # noqa: E402
+
+TINY = [
+    "--backbone", "test_resnet", "--embed_dim", "16", "--queue_size", "64", "--batch_size", "16",
+    "--image_size", "32", "--log_steps", "2", "--report_to", "none", "--num_shards", "4",
+    "--shuffle_buffer", "64", "--knn_k", "20",
+]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(None, TINY + ["--output_dir", str(tmp_path / "out"), *extra])
+
+
+def make_image_folder(root, per_class=12, size=24, classes=3):
+    """A small RGB image folder with train/ and test/ splits; returns the root."""
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", per_class), ("test", max(2, per_class // 3))):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                base = torch.zeros(3, size, size, dtype=torch.uint8)
+                base[c] = 200
+                noise = torch.randint(0, 55, (3, size, size), generator=g, dtype=torch.uint8)
+                array = (base + noise).permute(1, 2, 0).numpy()
+                Image.fromarray(array).save(folder / f"{i}.png")
+    return root
+
+
+def test_demo_run_end_to_end(tmp_path):
+    """The embedded default (digits) through the real code path: final model, metrics, curves, config."""
+    cfg = tiny_config(tmp_path, "--max_steps", "6", "--save_steps", "3", "--knn_max_train_samples", "200",
+                      "--knn_max_eval_samples", "60")
+    result = pretrain.train(cfg)
+    out = tmp_path / "out"
+    assert (out / "config.yaml").is_file()
+    assert (out / "training_curves.png").stat().st_size > 0
+    final = out / "final"
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert 0.0 <= metrics["knn_acc"] <= 100.0 and 0.0 <= metrics["knn_random_init"] <= 100.0
+    assert metrics["steps"] == 6 and result.state.step == 6
+    assert len(list_checkpoints(str(out))) == 2
+
+    from transformers import AutoModel
+
+    loaded = AutoModel.from_pretrained(str(final))
+    assert torch.equal(loaded.queue, result.model.queue)
+    assert int(loaded.queue_ptr) == (6 * 16) % 64
+    # The queue was written by training: its rows are still unit vectors, and no longer the random init.
+    assert torch.allclose(loaded.queue.norm(dim=1), torch.ones(64), atol=1e-5)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """2N steps in one go == N steps, stop, resume with `auto`, N more: same weights, queue, optimizer state."""
+    common = ["--max_steps", "8", "--eval_split", "none", "--bn_splits", "2", "--seed", "3"]
+    straight = pretrain.train(load_config(None, TINY + ["--output_dir", str(tmp_path / "a"), *common]))
+
+    first = pretrain.train(load_config(None, TINY + ["--output_dir", str(tmp_path / "b"), *common,
+                                                     "--stop_after_steps", "4"]))
+    assert first.state.step == 4 and not (tmp_path / "b" / "final").exists()
+    assert resolve_resume("auto", str(tmp_path / "b")).endswith("checkpoint-00000004")
+    resumed = pretrain.train(load_config(None, TINY + ["--output_dir", str(tmp_path / "b"), *common,
+                                                       "--resume_from_checkpoint", "auto"]))
+    assert resumed.state.step == 8
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # And the run really moved: the final queue differs from a fresh model's.
+    assert not torch.equal(a["queue"], first.model.state_dict()["queue"])
+
+
+def test_interrupted_save_leaves_no_checkpoint_for_auto(tmp_path, monkeypatch):
+    """A crash in the middle of accelerator.save_state leaves only a temporary folder that `auto` ignores."""
+    cfg = tiny_config(tmp_path, "--max_steps", "4", "--save_steps", "2", "--eval_split", "none")
+    from accelerate import Accelerator
+
+    real_save = Accelerator.save_state
+    calls = {"n": 0}
+
+    def flaky_save(self, output_dir=None, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, "model.safetensors"), "wb") as f:
+                f.write(b"half-written")
+            raise KeyboardInterrupt
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", flaky_save)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train(cfg)
+    out = str(tmp_path / "out")
+    assert [os.path.basename(p) for p in list_checkpoints(out)] == ["checkpoint-00000002"]
+    assert resolve_resume("auto", out).endswith("checkpoint-00000002")
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    resumed = pretrain.train(load_config(None, TINY + ["--output_dir", out, "--max_steps", "4", "--save_steps", "2",
+                                                       "--eval_split", "none", "--resume_from_checkpoint", "auto"]))
+    assert resumed.state.step == 4
+    assert not any(name.startswith(".tmp-") for name in os.listdir(os.path.join(out, "checkpoints")))
+
+
+def test_local_folder_with_bad_images_is_skipped_and_counted(tmp_path):
+    root = make_image_folder(tmp_path / "data")
+    train = root / "train" / "class0"
+    (train / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    good = (train / "0.png").read_bytes()
+    (train / "truncated.png").write_bytes(good[: len(good) // 2])
+    Image.new("L", (20, 20), 90).save(train / "gray.png")
+    Image.new("RGBA", (20, 20), (10, 20, 30, 128)).save(train / "rgba.png")
+    Image.new("P", (20, 20), 3).save(train / "palette.png")
+    Image.new("CMYK", (20, 20), (10, 20, 30, 40)).save(train / "cmyk.jpg")
+    Image.new("RGB", (5, 7), (200, 10, 10)).save(train / "tiny.png")  # smaller than the 32 px crop
+    # The stream itself: every readable image comes out as two 3 x 32 x 32 views, the two broken ones are counted.
+    from moco_hf.data import TwoViewStream, TwoViewTransform, load_source
+
+    source = load_source("train", train_dir=str(root), num_shards=2)
+    stream = TwoViewStream(source.dataset, source.image_column, TwoViewTransform("v2", 32, [0.5] * 3, [0.5] * 3), 0)
+    samples = list(stream)
+    assert len(samples) == 3 * 12 + 5 and sum(s[2] for s in samples) == 2
+    assert all(q.shape == k.shape == (3, 32, 32) and torch.isfinite(q).all() for q, k, _ in samples)
+
+    # And the training loop keeps going and reports them (10 steps x 8 images: two passes over 43 images).
+    cfg = tiny_config(tmp_path, "--train_dir", str(root), "--max_steps", "10", "--batch_size", "8",
+                      "--queue_size", "32", "--save_steps", "0", "--eval_split", "none")
+    result = pretrain.train(cfg)
+    assert result.metrics["skipped_images"] >= 2
+    assert result.state.step == 10
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train_dir", "/nonexistent/folder"], "does not exist"),
+        (["--queue_size", "8", "--batch_size", "16"], "queue_size"),
+        (["--no_such_key", "1"], "valid keys"),
+        (["--mixed_precision", "fp8"], "mixed_precision"),
+        (["--batch_size", "abc"], "expects int"),
+    ],
+)
+def test_bad_input_fails_fast_with_a_clear_message(tmp_path, capsys, args, message):
+    code = pretrain.main(TINY + ["--output_dir", str(tmp_path / "out"), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dataset_without_image_column_and_empty_folder(tmp_path):
+    import pandas as pd
+
+    parquet_dir = tmp_path / "numbers"
+    parquet_dir.mkdir()
+    pd.DataFrame({"x": [1, 2, 3], "label": [0, 1, 0]}).to_parquet(parquet_dir / "train.parquet")
+    with pytest.raises(ValueError, match="no image column"):
+        pretrain.train(tiny_config(tmp_path, "--train_dir", str(parquet_dir), "--max_steps", "1"))
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "train" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images"):
+        pretrain.train(tiny_config(tmp_path, "--train_dir", str(empty), "--max_steps", "1"))
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: 64\nlr_steps: [3, 4]\nbackbone: test_vit\n")
+    cfg = load_config(str(path), ["--batch_size", "32", "--symmetric", "true", "--crop_min_scale=0.5"])
+    assert (cfg.batch_size, cfg.lr_steps, cfg.backbone, cfg.symmetric, cfg.crop_min_scale) == (
+        32, [3, 4], "test_vit", True, 0.5)
+    path.write_text("bogus: 1\n")
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(str(path), [])
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs"))))
+def test_shipped_configs_parse_and_build(name):
+    """Every shipped config is valid, and its model config builds (on the meta device: no memory)."""
+    cfg = load_config(os.path.join(ROOT, "configs", name), [])
+    from moco_hf import MoCoConfig
+
+    MoCoConfig(**cfg.model_kwargs())
+
+
+def test_lr_schedules():
+    from moco_hf.training import lr_at
+
+    cos = [lr_at(s, 100, 10, 0.1, "cosine") for s in range(100)]
+    assert cos[0] == pytest.approx(0.1) and cos[50] == pytest.approx(0.05) and cos[-1] < 1e-3
+    assert all(a >= b for a, b in zip(cos, cos[1:]))
+    step = [lr_at(s, 200, 1, 0.03, "step", milestones_epochs=[120, 160]) for s in (0, 119, 120, 159, 160, 199)]
+    assert step == pytest.approx([0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003])
+    warm = [lr_at(s, 100, 10, 0.1, "cosine", warmup_steps=10) for s in range(12)]
+    assert warm[0] == pytest.approx(0.01) and warm[9] == pytest.approx(0.1) and warm[10] == pytest.approx(0.1)
