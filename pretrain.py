@@ -29,7 +29,17 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from datasets.distributed import split_dataset_by_node
 
 from moco_hf import MoCoConfig, MoCoModel
-from moco_hf.data import EvalTransform, LabeledStream, TwoViewStream, TwoViewTransform, collate_two_views, load_source
+from moco_hf.data import (
+    EncodedStream,
+    EvalTransform,
+    LabeledStream,
+    TwoViewStream,
+    TwoViewTransform,
+    collate_encoded,
+    collate_two_views,
+    load_source,
+)
+from moco_hf.gpu_augment import MoCoGPUAugment, decode_jpegs
 from moco_hf.evaluation import extract_features, knn_accuracy
 from moco_hf.training import (
     PretrainConfig,
@@ -79,7 +89,17 @@ def data_stats(model: MoCoModel) -> dict:
     return {"mean": data_config["mean"], "std": data_config["std"], "crop_pct": data_config.get("crop_pct", 0.875)}
 
 
-def build_train_loader(cfg: PretrainConfig, accelerator: Accelerator, stats: dict):
+def use_gpu_augment(cfg: PretrainConfig, device: torch.device) -> bool:
+    """Decode and augment whole batches on the device (`gpu_augment`: on, off, or auto = when training on CUDA)."""
+    return cfg.gpu_augment == "on" or (cfg.gpu_augment == "auto" and device.type == "cuda")
+
+
+def build_train_loader(cfg: PretrainConfig, accelerator, stats: dict, gpu: bool = False):
+    """(dataset, loader, number of examples) of this process's part of the training stream.
+
+    CPU path: workers decode and augment (PIL), batches are (view_q, view_k, skipped).
+    GPU path: workers read encoded bytes only, batches are (list of byte tensors, skipped).
+    """
     source = load_source(
         cfg.train_split, cfg.dataset_name, cfg.dataset_config, cfg.train_dir, cfg.image_column, cfg.label_column,
         num_shards=max(cfg.num_shards, accelerator.num_processes * max(1, cfg.num_workers)),
@@ -88,16 +108,21 @@ def build_train_loader(cfg: PretrainConfig, accelerator: Accelerator, stats: dic
     stream = source.dataset.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
     # Split the stream here and never again: the loader below is not passed through accelerator.prepare.
     stream = split_dataset_by_node(stream, rank=accelerator.process_index, world_size=accelerator.num_processes)
-    transform = TwoViewTransform(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"], cfg.crop_min_scale)
-    dataset = TwoViewStream(stream, source.image_column, transform, seed=cfg.seed, rank=accelerator.process_index)
+    if gpu:
+        dataset, collate = EncodedStream(stream, source.image_column), collate_encoded
+    else:
+        transform = TwoViewTransform(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"], cfg.crop_min_scale)
+        dataset = TwoViewStream(stream, source.image_column, transform, seed=cfg.seed, rank=accelerator.process_index)
+        collate = collate_two_views
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size // accelerator.num_processes,
         num_workers=cfg.num_workers,
-        collate_fn=collate_two_views,
+        collate_fn=collate,
         drop_last=True,
         pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator(),  # keeps loader seeding off the global RNG (exact resume)
+        persistent_workers=False,
     )
     return dataset, loader, source.num_examples
 
@@ -113,7 +138,9 @@ def build_knn_loaders(cfg: PretrainConfig, stats: dict):
                              cfg.label_column, num_shards=1, demo_image_size=cfg.image_size)
         if source.label_column is None:
             return None
-        stream = LabeledStream(source.dataset.take(limit), source.image_column, source.label_column, transform)
+        # A fixed shuffle before the cap, so a capped bank is not just the first classes of a sorted folder.
+        subset = source.dataset.shuffle(seed=0, buffer_size=cfg.shuffle_buffer).take(limit)
+        stream = LabeledStream(subset, source.image_column, source.label_column, transform)
         loaders.append(torch.utils.data.DataLoader(stream, batch_size=256, num_workers=min(cfg.num_workers, 1),
                                                    generator=torch.Generator()))
     return tuple(loaders)
@@ -136,7 +163,7 @@ def random_init_knn(cfg: PretrainConfig, loaders, device) -> float:
 class BatchStream:
     """Endless batches from the loader, epoch after epoch, that can start at a saved (epoch, batch) position."""
 
-    def __init__(self, dataset: TwoViewStream, loader, state: TrainState):
+    def __init__(self, dataset, loader, state: TrainState):
         self.dataset, self.loader, self.state = dataset, loader, state
         self.iterator = None
 
@@ -159,6 +186,50 @@ class BatchStream:
             self.state.batches_in_epoch = 0
             self._start_epoch(0)
         raise ValueError("the training split yields no complete batch: it is empty or smaller than batch_size")
+
+
+class CPUViews:
+    """Views augmented by the DataLoader workers, moved to the device (pinned, non-blocking)."""
+
+    def __init__(self, batches: BatchStream, device: torch.device, channels_last: bool):
+        self.batches, self.device, self.channels_last = batches, device, channels_last
+
+    def next(self, step: int):
+        view_q, view_k, skipped = self.batches.next()
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        view_q = view_q.to(self.device, non_blocking=True, memory_format=memory_format)
+        view_k = view_k.to(self.device, non_blocking=True, memory_format=memory_format)
+        return view_q, view_k, skipped
+
+
+class GPUViews:
+    """Encoded batches decoded (nvJPEG on CUDA) and augmented as whole batches on the device.
+
+    Images that fail to decode are counted; the batch is topped up from the next one, so every step (and every
+    process) gets exactly `batch` images. The augmentation generator is reseeded from (seed, rank, step) at each
+    step, so a resumed run draws the same parameters as an uninterrupted one.
+    """
+
+    def __init__(self, batches: BatchStream, device: torch.device, cfg: PretrainConfig, stats: dict, rank: int,
+                 batch: int):
+        self.batches, self.device, self.batch, self.seed, self.rank = batches, device, batch, cfg.seed, rank
+        crop_scale = (cfg.crop_min_scale, 1.0) if cfg.crop_min_scale is not None else None
+        self.augment = MoCoGPUAugment(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"],
+                                      channels_last=cfg.channels_last, crop_scale=crop_scale)
+        self.generator = torch.Generator(device=device)
+        self.carry: list[torch.Tensor] = []
+
+    def next(self, step: int):
+        images, skipped = self.carry, 0
+        while len(images) < self.batch:
+            data, unreadable = self.batches.next()
+            decoded = decode_jpegs(data, device=self.device)
+            images = images + list(decoded.images)
+            skipped += unreadable + decoded.num_failed
+        images, self.carry = images[: self.batch], images[self.batch:]
+        self.generator.manual_seed(hash((self.seed, self.rank, step)) & 0x7FFF_FFFF_FFFF)
+        view_q, view_k = self.augment.two_views(images, generator=self.generator)
+        return view_q, view_k, skipped
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,7 +259,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
 
     model = build_model(cfg)
     stats = data_stats(model)
-    dataset, loader, num_examples = build_train_loader(cfg, accelerator, stats)
+    gpu_views = use_gpu_augment(cfg, accelerator.device)
+    dataset, loader, num_examples = build_train_loader(cfg, accelerator, stats, gpu=gpu_views)
     if num_examples is None and cfg.max_steps <= 0:
         raise ValueError("the dataset does not say how many examples it has (streaming); set max_steps")
     steps_per_epoch = max(1, (num_examples or cfg.batch_size) // cfg.batch_size)
@@ -214,7 +286,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
         f"global batch {cfg.batch_size} = {accelerator.num_processes} x {cfg.batch_size // accelerator.num_processes}; "
         f"lr {lr:g} ({cfg.base_lr:g} x {cfg.batch_size}/256, {cfg.lr_schedule}); {num_examples} images, "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps; K={cfg.queue_size} m={cfg.momentum} tau={cfg.tau}; "
-        f"device {accelerator.device}, mixed precision {cfg.mixed_precision}"
+        f"device {accelerator.device}, mixed precision {cfg.mixed_precision}, "
+        f"augmentation {cfg.augmentation} on {'the device, batched' if gpu_views else 'CPU workers'}"
     )
 
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
@@ -234,6 +307,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
         accelerator.print(f"kNN accuracy at random init: {metrics['knn_random_init']:.2f}%")
 
     batches = BatchStream(dataset, loader, state)
+    per_process = cfg.batch_size // accelerator.num_processes
+    views = (GPUViews(batches, accelerator.device, cfg, stats, accelerator.process_index, per_process) if gpu_views
+             else CPUViews(batches, accelerator.device, cfg.channels_last))
     progress = None
     if accelerator.is_main_process:
         from tqdm.auto import tqdm
@@ -244,13 +320,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     stop_at = total_steps if cfg.stop_after_steps <= 0 else min(total_steps, state.step + cfg.stop_after_steps)
     model.train()
     while state.step < stop_at:
-        view_q, view_k, n_skipped = batches.next()
+        view_q, view_k, n_skipped = views.next(state.step)
         skipped += n_skipped
-        view_q = view_q.to(accelerator.device, non_blocking=True)
-        view_k = view_k.to(accelerator.device, non_blocking=True)
-        if cfg.channels_last:
-            view_q = view_q.contiguous(memory_format=torch.channels_last)
-            view_k = view_k.contiguous(memory_format=torch.channels_last)
         out = model(pixel_values=view_q, key_pixel_values=view_k)
         accelerator.backward(out.loss)
         optimizer.step()

@@ -396,3 +396,51 @@ class LabeledStream(torch.utils.data.IterableDataset):
             label = example[self.label_column] if self.label_column else -1
             seen += 1
             yield self.transform(image), int(label)
+
+
+def read_bytes(value) -> bytes | None:
+    """The encoded bytes of a datasets image value (dict with bytes/path, raw bytes or a path); None if unreadable."""
+    try:
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return bytes(value["bytes"])
+            value = value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        if isinstance(value, str):
+            with open(value, "rb") as f:
+                return f.read()
+    except OSError:
+        return None
+    return None
+
+
+class EncodedStream(torch.utils.data.IterableDataset):
+    """Encoded image bytes (uint8 1-D tensors) for decoding and augmenting whole batches on the GPU.
+
+    DataLoader workers only read bytes; `gpu_augment.decode_jpegs` decodes (nvJPEG) and `MoCoGPUAugment` augments
+    on the device. Unreadable entries are counted as skipped here; undecodable ones by the decoder.
+    """
+
+    def __init__(self, hf_dataset, image_column: str):
+        super().__init__()
+        self.hf_dataset, self.image_column = hf_dataset, image_column
+
+    def set_epoch(self, epoch: int) -> None:
+        self.hf_dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        skipped = 0
+        for example in self.hf_dataset:
+            data = read_bytes(example[self.image_column])
+            if not data:
+                skipped += 1
+                continue
+            yield torch.frombuffer(bytearray(data), dtype=torch.uint8), skipped
+            skipped = 0
+
+
+def collate_encoded(samples):
+    """A list of (bytes tensor, skipped) into (list of bytes tensors, skipped in this batch)."""
+    data, skipped = zip(*samples)
+    return list(data), sum(skipped)
