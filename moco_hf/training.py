@@ -18,16 +18,17 @@ import yaml
 class PretrainConfig:
     """Everything `pretrain.py` reads. YAML files fill it; `--key value` on the command line overrides it.
 
-    With no dataset named (`dataset_name` and `train_dir` empty) it runs on the embedded digits data.
+    The defaults are the embedded demo (configs/demo_digits.yaml): with no dataset named (`dataset_name` and
+    `train_dir` empty) it runs on scikit-learn's digits. The paper settings live in configs/.
     """
 
     # run
     output_dir: str = "outputs/moco-digits"
     seed: int = 0
     max_steps: int = -1  # > 0 overrides num_epochs
-    num_epochs: int = 30
+    num_epochs: int = 20
     batch_size: int = 128  # global, over all processes
-    save_steps: int = 500  # checkpoint every N optimizer steps (0: only at the end)
+    save_steps: int = 0  # checkpoint every N optimizer steps (0: none; the final model is always saved)
     save_total_limit: int = 3  # checkpoints kept
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "auto" for the newest in output_dir
     stop_after_steps: int = -1  # > 0: checkpoint and stop after this many steps of this invocation (time-limited jobs)
@@ -45,19 +46,19 @@ class PretrainConfig:
     eval_split: str | None = "test"  # held-out split for the kNN monitor (None: no monitor)
     image_column: str | None = None  # detected when None
     label_column: str | None = None  # detected when None
-    num_workers: int = 0
+    num_workers: int = 1
     num_shards: int = 16  # shards of a local dataset's stream (>= processes x workers)
     shuffle_buffer: int = 10_000
     augmentation: str = "cifar"  # v1, v2, cifar
     image_size: int = 32  # crop size in pixels
-    crop_min_scale: float | None = None  # RandomResizedCrop lower scale bound (preset: 0.2)
+    crop_min_scale: float | None = 0.4  # RandomResizedCrop lower scale bound (None: the preset's)
     gpu_augment: str = "auto"  # auto (GPU when training on CUDA), on, off
 
     # model (MoCoConfig)
-    backbone: str = "resnet18"
+    backbone: str = "test_resnet"
     backbone_kwargs: dict = field(default_factory=dict)
     embed_dim: int = 128
-    queue_size: int = 4096  # K
+    queue_size: int = 1024  # K
     momentum: float = 0.99  # m
     tau: float = 0.1
     mlp_head: bool = True
@@ -67,8 +68,8 @@ class PretrainConfig:
     symmetric: bool = False
 
     # optimisation
-    base_lr: float = 0.03  # for a global batch of 256; lr = base_lr * batch_size / 256
-    weight_decay: float = 1e-4
+    base_lr: float = 0.06  # for a global batch of 256; lr = base_lr * batch_size / 256
+    weight_decay: float = 5e-4
     sgd_momentum: float = 0.9
     lr_schedule: str = "cosine"  # cosine (per step) or step
     lr_steps: list = field(default_factory=lambda: [120, 160])  # epochs where the step schedule divides by 10

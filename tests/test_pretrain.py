@@ -193,6 +193,13 @@ def test_shipped_configs_parse_and_build(name):
     MoCoConfig(**cfg.model_kwargs())
 
 
+def test_defaults_are_the_demo_config():
+    """`python pretrain.py` and configs/demo_digits.yaml must not drift apart."""
+    from moco_hf.training import PretrainConfig
+
+    assert load_config(os.path.join(ROOT, "configs", "demo_digits.yaml"), []) == PretrainConfig()
+
+
 def test_lr_schedules():
     from moco_hf.training import lr_at
 
