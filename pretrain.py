@@ -317,6 +317,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
         progress = tqdm(total=total_steps, initial=state.step, desc="pretrain", dynamic_ncols=True)
     sums = torch.zeros(2, device=accelerator.device)  # loss, contrastive accuracy since the last log
     window_steps, window_start, skipped = 0, time.perf_counter(), 0
+    timed_from = None  # (step, time) after the first log window: throughput without start-up costs
     stop_at = total_steps if cfg.stop_after_steps <= 0 else min(total_steps, state.step + cfg.stop_after_steps)
     model.train()
     while state.step < stop_at:
@@ -351,6 +352,10 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 logger.warning("skipped %d corrupt images (%d in total)", skipped_all, state.skipped_images)
             sums.zero_()
             window_steps, window_start, skipped = 0, time.perf_counter(), 0
+            if timed_from is None:
+                timed_from = (state.step, window_start)
+            elif state.step > timed_from[0]:
+                metrics["images_per_s"] = (state.step - timed_from[0]) * cfg.batch_size / (window_start - timed_from[1])
         if progress is not None:
             progress.update(1)
 

@@ -1,0 +1,135 @@
+"""Data pipeline and end-to-end throughput: CPU (PIL workers) vs batched device path, on generated JPEGs.
+
+Prints one table:
+  - data pipeline alone: images/s of two augmented views, CPU workers vs the batched device path
+    (bytes from workers, decode + augmentation on the device: nvJPEG on CUDA);
+  - pretrain.py end to end on a synthetic JPEG dataset (parquet shards it generates), both paths.
+
+    python benchmarks/bench_pipeline.py                                   # CPU-sized defaults (2 cores: ~2 min)
+    python benchmarks/bench_pipeline.py --images 4096 --width 500 --height 375 --size 224 --preset v2 \
+        --batch 256 --workers 16 --backbone resnet50 --steps 40 --mixed_precision bf16 --channels_last  # one GPU
+
+Images are smooth random colour fields with noise, 500 x 375 by default like a typical ImageNet JPEG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_jpeg_dataset(folder: str, count: int, width: int, height: int, shards: int = 4, seed: int = 0) -> str:
+    """`count` JPEGs (quality 90) with 10 labels, as parquet shards under folder/train; returns folder."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(count):
+        low = rng.integers(0, 256, size=(height // 25 + 2, width // 25 + 2, 3), dtype=np.uint8)
+        field = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), dtype=np.int16)
+        field = np.clip(field + rng.integers(-20, 21, size=field.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(field).save(buffer, format="JPEG", quality=90)
+        images.append({"bytes": buffer.getvalue(), "path": None})
+        labels.append(i % 10)
+    features = Features({"image": ImageFeature(), "label": ClassLabel(num_classes=10)})
+    table = Dataset.from_dict({"image": images, "label": labels}, features=features)
+    os.makedirs(os.path.join(folder, "train"), exist_ok=True)
+    for k in range(shards):
+        table.shard(shards, k, contiguous=True).to_parquet(os.path.join(folder, "train", f"part-{k:03d}.parquet"))
+    return folder
+
+
+def pipeline_throughput(cfg, gpu: bool, device: torch.device, batches: int) -> float:
+    """images/s of (view_q, view_k) batches ready on `device`, after one warm-up batch."""
+    import pretrain
+    from accelerate import PartialState
+
+    state = PartialState()
+    model = pretrain.build_model(cfg)
+    stats = pretrain.data_stats(model)
+    dataset, loader, _ = pretrain.build_train_loader(cfg, state, stats, gpu=gpu)
+    position = pretrain.TrainState()
+    stream = pretrain.BatchStream(dataset, loader, position)
+    views = (pretrain.GPUViews(stream, device, cfg, stats, 0, cfg.batch_size) if gpu
+             else pretrain.CPUViews(stream, device, cfg.channels_last))
+    views.next(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for step in range(1, batches + 1):
+        view_q, view_k, _ = views.next(step)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batches * cfg.batch_size / (time.perf_counter() - start)
+
+
+def end_to_end(cfg) -> float:
+    import pretrain
+
+    return pretrain.train(cfg).metrics["images_per_s"]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--width", type=int, default=500)
+    parser.add_argument("--height", type=int, default=375)
+    parser.add_argument("--size", type=int, default=64, help="crop size in pixels")
+    parser.add_argument("--preset", default="v2")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batches", type=int, default=6, help="batches timed for the pipeline alone")
+    parser.add_argument("--backbone", default="test_resnet")
+    parser.add_argument("--steps", type=int, default=8, help="end-to-end steps (the first log window is not timed)")
+    parser.add_argument("--mixed_precision", default="no")
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--paths", default="cpu,device", help="which paths to run: cpu, device or both")
+    args = parser.parse_args(argv)
+
+    from moco_hf.training import load_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        data = make_jpeg_dataset(os.path.join(tmp, "data"), args.images, args.width, args.height)
+        print(f"generated {args.images} JPEGs {args.width}x{args.height} in {time.perf_counter() - t0:.1f} s")
+        for path in args.paths.split(","):
+            gpu = path == "device"
+            common = ["--train_dir", data, "--image_size", str(args.size), "--augmentation", args.preset,
+                      "--batch_size", str(args.batch), "--num_workers", str(args.workers), "--backbone", args.backbone,
+                      "--crop_min_scale", "none", "--eval_split", "none", "--report_to", "none", "--save_steps", "0",
+                      "--gpu_augment", "on" if gpu else "off", "--mixed_precision", args.mixed_precision,
+                      "--channels_last", str(args.channels_last), "--compile", str(args.compile),
+                      "--queue_size", str(max(4096, 2 * args.batch)), "--shuffle_buffer", "256",
+                      "--output_dir", os.path.join(tmp, f"run-{path}"), "--log_steps", str(max(1, args.steps // 4))]
+            cfg = load_config(None, common + ["--max_steps", str(args.steps)])
+            rows.append((f"data pipeline, {path} path", pipeline_throughput(cfg, gpu, device, args.batches)))
+            rows.append((f"pretrain.py end to end, {path} path", end_to_end(cfg)))
+
+    print()
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}),"
+          f" torch {torch.__version__}, backbone {args.backbone}, {args.size} px {args.preset}, batch {args.batch},"
+          f" {args.workers} workers, mixed precision {args.mixed_precision}")
+    print(f"| {'what':<40} | {'images/s':>10} |")
+    print(f"|{'-' * 42}|{'-' * 12}|")
+    for name, value in rows:
+        print(f"| {name:<40} | {value:>10.1f} |")
+
+
+if __name__ == "__main__":
+    main()
