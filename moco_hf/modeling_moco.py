@@ -84,9 +84,19 @@ def info_nce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: 
     with torch.autocast(device_type=q.device.type, enabled=False):
         q = q.float()
         l_pos = (q * k.float()).sum(dim=1, keepdim=True)  # N x 1
-        # The queue is updated in place after this step; clone it so autograd keeps this step's copy.
-        l_neg = q @ queue.detach().clone().float().T  # N x K
+        l_neg = q @ _snapshot(queue).float().T  # N x K
         return torch.cat([l_pos, l_neg], dim=1) / tau  # N x (1+K)
+
+
+@torch.compiler.disable
+def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of the queue for autograd to keep: the queue is updated in place later in the same step.
+
+    Taken outside any compiled graph: inside one, inductor's partitioner drops the clone and re-reads the queue in
+    the backward pass, after the enqueue has overwritten it, which silently gives wrong gradients
+    (pytorch/pytorch#197039).
+    """
+    return tensor.detach().clone()
 
 
 def info_nce_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -151,7 +161,8 @@ def _mark_initialised(module: nn.Module) -> None:
 class MoCoEncoder(nn.Module):
     """f_q or f_k: timm backbone (`.backbone`) followed by the projection head (`.head`).
 
-    `forward(pixel_values)` returns the unnormalised projection, N x embed_dim.
+    `forward(pixel_values)` returns the unnormalised projection, N x embed_dim; `forward_all` also the backbone's
+    unpooled and pooled features.
     """
 
     def __init__(self, config: MoCoConfig):
@@ -164,16 +175,23 @@ class MoCoEncoder(nn.Module):
 
     def forward_all(self, pixel_values: torch.Tensor, splits: int = 1):
         """(unpooled features, pooled features, projection). `splits` > 1 runs the batch in that many chunks,
-        so BatchNorm normalises each chunk on its own, as it would on that many devices."""
+        so BatchNorm normalises each chunk on its own, as it would on that many devices.
+
+        Goes through `__call__`, so hooks and `encoder.compile()` apply to it as to `encoder(x)`."""
+        return self(pixel_values, splits, return_features=True)
+
+    def forward(self, pixel_values: torch.Tensor, splits: int = 1, return_features: bool = False):
         if splits > 1 and pixel_values.shape[0] > 1:
-            parts = [self.forward_all(chunk) for chunk in pixel_values.chunk(splits)]
-            return tuple(torch.cat(p, dim=0) for p in zip(*parts))
+            parts = [self._features_and_projection(chunk) for chunk in pixel_values.chunk(splits)]
+            outputs = tuple(torch.cat(p, dim=0) for p in zip(*parts))
+        else:
+            outputs = self._features_and_projection(pixel_values)
+        return outputs if return_features else outputs[2]
+
+    def _features_and_projection(self, pixel_values: torch.Tensor):
         features = self.backbone.forward_features(pixel_values)
         pooled = self.backbone.forward_head(features, pre_logits=True)  # N x num_features
         return features, pooled, self.head(pooled)  # ..., N x embed_dim
-
-    def forward(self, pixel_values: torch.Tensor, splits: int = 1) -> torch.Tensor:
-        return self.forward_all(pixel_values, splits)[2]
 
 
 class MoCoBackbone(nn.Module):
@@ -222,6 +240,17 @@ class MoCoPreTrainedModel(PreTrainedModel):
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
 
+    def _freeze(self) -> None:
+        """Turn off gradients of the parameters that are never trained (overridden by subclasses)."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then re-freeze: transformers re-creates every loaded parameter with
+        `requires_grad=True`, which would hand the key encoder (or a frozen backbone) to optimisers and to DDP."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze()
+        return loaded
+
 
 class MoCoModel(MoCoPreTrainedModel):
     """MoCo pretraining model: query encoder, momentum key encoder and queue of negative keys.
@@ -237,7 +266,7 @@ class MoCoModel(MoCoPreTrainedModel):
         super().__init__(config)
         self.query_encoder = MoCoEncoder(config)
         self.key_encoder = MoCoEncoder(config)
-        self.key_encoder.requires_grad_(False)
+        self._freeze()
         self.register_buffer("queue", torch.empty(config.queue_size, config.embed_dim))  # K x C, rows L2-normalised
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.post_init()
@@ -253,18 +282,28 @@ class MoCoModel(MoCoPreTrainedModel):
             if tensor.device.type != "meta":
                 key_state[name].copy_(tensor)
 
+    def _freeze(self) -> None:
+        self.key_encoder.requires_grad_(False)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        # Reached for the model itself only while the queue or its pointer still needs values (fresh model, or a
+        # checkpoint without them): transformers skips custom-code modules whose own tensors are all loaded.
         super()._init_weights(module)
         if module is self:
             queue = torch.randn(self.queue.shape, device=self.queue.device, dtype=torch.float32)
             init.copy_(self.queue, F.normalize(queue, dim=1).to(self.queue.dtype))
             init.zeros_(self.queue_ptr)
-            key_loaded = any(getattr(p, "_is_hf_initialized", False) for p in self.key_encoder.parameters())
-            query_loaded = any(getattr(p, "_is_hf_initialized", False) for p in self.query_encoder.parameters())
-            if query_loaded and not key_loaded:
-                # A checkpoint without the key encoder (e.g. a cleaned release): restart f_k from f_q.
-                self._copy_query_to_key()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """transformers' initialisation of everything not yet set, then: a key encoder that the checkpoint does not
+        provide (e.g. a cleaned release) restarts as a copy of the query encoder, as at the start of training."""
+        key_tensors = self.key_encoder.state_dict(keep_vars=True).values()
+        key_given = any(getattr(t, "_is_hf_initialized", False) for t in key_tensors)
+        super().initialize_weights()
+        if not key_given:
+            self._copy_query_to_key()
 
     def reset_queue(self) -> None:
         """Fill the queue with fresh random unit vectors and rewind the pointer."""
@@ -398,16 +437,21 @@ class MoCoForImageClassification(MoCoPreTrainedModel):
         self.query_encoder = MoCoBackbone(config)
         num_features = self.query_encoder.backbone.num_features
         self.classifier = nn.Linear(num_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        if config.freeze_backbone:
-            self.query_encoder.requires_grad_(False)
+        self._freeze()
         self.post_init()
+
+    def _freeze(self) -> None:
+        if self.config.freeze_backbone:
+            self.query_encoder.requires_grad_(False)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if module is self and isinstance(self.classifier, nn.Linear):
-            init.normal_(self.classifier.weight, std=self.config.initializer_range)
-            init.zeros_(self.classifier.bias)
+        # On the classifier itself: transformers never calls this for the model, which has no tensors of its own.
+        if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
 
     def get_backbone(self) -> nn.Module:
         return self.query_encoder.backbone

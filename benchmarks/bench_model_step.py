@@ -1,0 +1,187 @@
+"""Time one MoCo training step (forward + backward + SGD step) of `MoCoModel` against a straightforward implementation
+in the style of the official code (facebookresearch/moco `moco/builder.py`): python-loop momentum update, queue
+stored C x K and cloned for the negatives, `int(queue_ptr)` slicing enqueue, loss computed outside the model.
+
+Both start from the same weights and see the same synthetic batches; they are timed interleaved (the order flips
+every repeat) on the same hardware in one run, and the median over repeats is reported.
+
+Run it:
+    python benchmarks/bench_model_step.py                                   # CPU defaults: resnet18, batch 32, 64 px
+    python benchmarks/bench_model_step.py --backbone resnet50 --batch 256 --image-size 224 \\
+        --queue-size 65536 --amp --channels-last             # one GPU; the paper's global batch (it used 8 GPUs)
+    python benchmarks/bench_model_step.py --backbone resnet50 --batch 128 --image-size 224 --compile --amp
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco_hf import MoCoConfig, MoCoModel
+
+
+class OfficialStyleMoCo(nn.Module):
+    """MoCo as written in the official `builder.py`, single process (no DDP, hence no shuffle BN)."""
+
+    def __init__(self, encoder_q: nn.Module, queue_kxc: torch.Tensor, momentum: float, tau: float):
+        super().__init__()
+        self.m, self.T = momentum, tau
+        self.encoder_q = encoder_q
+        self.encoder_k = copy.deepcopy(encoder_q)
+        for param_k in self.encoder_k.parameters():
+            param_k.requires_grad = False
+        self.register_buffer("queue", queue_kxc.T.clone())  # C x K
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        batch_size = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        assert self.queue.shape[1] % batch_size == 0  # for simplicity (as in the official code)
+        self.queue[:, ptr : ptr + batch_size] = keys.T
+        self.queue_ptr[0] = (ptr + batch_size) % self.queue.shape[1]
+
+    def forward(self, im_q, im_k):
+        q = nn.functional.normalize(self.encoder_q(im_q), dim=1)  # N x C
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            k = nn.functional.normalize(self.encoder_k(im_k), dim=1)  # N x C
+        l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)  # N x 1
+        l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])  # N x K
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # N x (1+K)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        self._dequeue_and_enqueue(k)
+        return logits, labels
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--backbone", default="resnet18", help="timm architecture (default: resnet18, CPU-sized)")
+    p.add_argument("--batch", type=int, default=32, help="images per step (default: 32)")
+    p.add_argument("--image-size", type=int, default=64, help="square input size in pixels (default: 64)")
+    p.add_argument("--queue-size", type=int, default=4096, help="K; a multiple of --batch (default: 4096)")
+    p.add_argument("--embed-dim", type=int, default=128, help="embedding dimension (default: 128)")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per repeat and implementation (default: 1)")
+    p.add_argument("--repeats", type=int, default=15, help="interleaved repeats; the median is reported (default: 15)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first (default: 2)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders of both (as pretrain.py does)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    args = p.parse_args(argv)
+    if args.queue_size % args.batch:
+        p.error(f"--queue-size {args.queue_size} must be a multiple of --batch {args.batch} (official enqueue)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    config = MoCoConfig(
+        backbone=args.backbone, embed_dim=args.embed_dim, queue_size=args.queue_size, momentum=0.999, tau=0.2
+    )
+    ours = MoCoModel(config).to(device, memory_format=memory_format).train()
+    official = OfficialStyleMoCo(copy.deepcopy(ours.query_encoder), ours.queue, config.momentum, config.tau)
+    official = official.to(device, memory_format=memory_format).train()
+    if args.compile:  # the encoders, as pretrain.py does; the queue logic stays eager in both
+        for encoder in (ours.query_encoder, ours.key_encoder, official.encoder_q, official.encoder_k):
+            encoder.compile()
+
+    def make_step(model, loss_of):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
+
+        def step(x1, x2):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                loss = loss_of(model(x1, x2))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        return step
+
+    steps = {
+        "moco_hf MoCoModel": make_step(ours, lambda out: out.loss),
+        "official-style": make_step(official, lambda out: F.cross_entropy(out[0].float(), out[1])),
+    }
+    g = torch.Generator().manual_seed(0)
+    n_batches = 4
+    batches = [
+        tuple(
+            torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
+            .to(device)
+            .contiguous(memory_format=memory_format)
+            for _ in range(2)
+        )
+        for _ in range(n_batches)
+    ]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(
+        f"device {device} ({where}); "
+        f"torch {torch.__version__}; {args.backbone}, batch {args.batch} x {args.image_size}px, K={args.queue_size}, "
+        f"amp={args.amp}, channels_last={args.channels_last}, compile={args.compile}"
+    )
+    first_losses = {}
+    for name, step in steps.items():  # warm-up; the first step of both starts from identical state
+        for i in range(args.warmup):
+            loss = step(*batches[i % n_batches])
+            if i == 0:
+                first_losses[name] = loss.item()
+    sync()
+    a, b = first_losses.values()
+    print(f"first-step losses: {a:.6f} vs {b:.6f} (|diff| {abs(a - b):.2e})")
+
+    times = {name: [] for name in steps}
+    order = list(steps)
+    for r in range(args.repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            sync()
+            start = time.perf_counter()
+            for i in range(args.steps):
+                steps[name](*batches[i % n_batches])
+            sync()
+            times[name].append((time.perf_counter() - start) / args.steps)
+
+    print(f"\n{'implementation':<20} {'median ms/step':>15} {'min ms/step':>12} {'images/s':>10}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<20} {1e3 * med:>15.1f} {1e3 * min(ts):>12.1f} {args.batch / med:>10.1f}")
+    ours_t, official_t = times[order[0]], times[order[1]]
+    ratio = statistics.median(ours_t) / statistics.median(official_t)
+    paired = statistics.median(a / b for a, b in zip(ours_t, official_t))  # neighbours in time share the noise
+    print(
+        f"\nratio moco_hf / official-style: {ratio:.3f} (of medians), {paired:.3f} (median of paired repeats), "
+        f"{min(ours_t) / min(official_t):.3f} (of minima)"
+    )
+    print("target: <= 1.05")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

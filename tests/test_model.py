@@ -1,0 +1,467 @@
+"""MoCoModel and MoCoForImageClassification against a plain Algorithm-1 reference, and their transformers plumbing.
+
+Tiny timm test models on 32 px images, queues of 20 keys: the whole file runs in about a minute on 2 CPU cores.
+"""
+
+import copy
+import shutil
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from _reference import ReferenceMoCo, encode, sgd
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForImageClassification
+
+from moco_hf import MoCoConfig, MoCoForImageClassification, MoCoModel, enqueue, info_nce_logits, info_nce_loss
+
+BACKBONES = ["test_resnet", "test_vit", "test_convnext"]
+BATCH = 6  # does not divide QUEUE: the pointer wraps around mid-batch
+QUEUE = 20
+LR = 0.1
+STEPS = 5  # of the Algorithm-1 comparison; every case wraps the queue around at least once
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def tiny_config(backbone: str = "test_resnet", **overrides) -> MoCoConfig:
+    kwargs = dict(backbone=backbone, embed_dim=16, queue_size=QUEUE, momentum=0.9, tau=0.2)
+    if backbone == "test_vit":
+        kwargs["backbone_kwargs"] = {"img_size": 32}
+    kwargs.update(overrides)
+    return MoCoConfig(**kwargs)
+
+
+def images(n: int = BATCH, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_step(model: MoCoModel, optimizer, x1, x2, seed: int = 0):
+    torch.manual_seed(seed)  # shuffle BN draws its permutation from the global generator
+    out = model(x1, x2)
+    optimizer.zero_grad()
+    out.loss.backward()
+    optimizer.step()
+    return out
+
+
+def trained_model(steps: int = 2, **overrides) -> MoCoModel:
+    """A model whose key encoder, queue and pointer have all moved away from their initial values."""
+    model = MoCoModel(tiny_config(**overrides)).train()
+    optimizer = sgd(trainable(model), LR)
+    for step in range(steps):
+        train_step(model, optimizer, images(seed=2 * step), images(seed=2 * step + 1), seed=step)
+    return model
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def assert_states_equal(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
+
+
+def assert_states_close(actual: torch.nn.Module, expected: torch.nn.Module) -> None:
+    actual, expected = actual.state_dict(), expected.state_dict()
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Algorithm 1
+# ---------------------------------------------------------------------------------------------------------
+
+# (config overrides, batch size). No batch divides the queue of 20. With split BN each chunk keeps >= 3 images:
+# BatchNorm over 2 samples is so ill-conditioned that float rounding alone grows past the tolerance in a few steps.
+ALGORITHM_CASES = {
+    "v2": (dict(), BATCH),
+    "v1_linear_head": (dict(mlp_head=False, tau=0.07, momentum=0.5), BATCH),
+    "symmetric": (dict(symmetric=True), BATCH),
+    "split_bn": (dict(bn_splits=2, shuffle_bn=False), BATCH),
+    "split_shuffle_bn": (dict(bn_splits=3, shuffle_bn=True), 12),
+    "symmetric_split_shuffle_bn": (dict(symmetric=True, bn_splits=2, shuffle_bn=True), 8),
+}
+
+
+@pytest.mark.parametrize("case", ALGORITHM_CASES)
+def test_training_matches_algorithm_1(case):
+    overrides, batch = ALGORITHM_CASES[case]
+    config = tiny_config(**overrides)
+    model = MoCoModel(config).train()
+    ref = ReferenceMoCo(
+        model.query_encoder,
+        model.queue,
+        model.queue_ptr.item(),
+        config.momentum,
+        config.tau,
+        LR,
+        symmetric=config.symmetric,
+        splits=config.bn_splits,
+        shuffle=config.shuffle_bn,
+    )
+    optimizer = sgd(trainable(model), LR)
+    key_start = snapshot(model.key_encoder)
+    per_step = batch * (2 if config.symmetric else 1)
+
+    pointers = []
+    for step in range(STEPS):
+        x1, x2 = images(batch, seed=2 * step), images(batch, seed=2 * step + 1)
+        out = train_step(model, optimizer, x1, x2, seed=100 + step)
+        torch.manual_seed(100 + step)
+        ref_loss, ref_keys = ref.step(x1, x2)
+
+        torch.testing.assert_close(out.loss, ref_loss, **TOL)
+        # Symmetric: the reference enqueues [k1, k2]; the model returns k2, the keys of its `key_pixel_values`.
+        torch.testing.assert_close(out.key_embeddings, ref_keys[-batch:], **TOL)
+        torch.testing.assert_close(model.queue, ref.queue.T, **TOL)
+        assert model.queue_ptr.item() == ref.ptr
+        pointers.append(ref.ptr)
+    assert pointers == [(per_step * (s + 1)) % QUEUE for s in range(STEPS)]
+    assert any(after < before for before, after in zip([0] + pointers, pointers))  # the pointer wrapped around
+
+    # The model applies the last momentum update at the start of its next step; the paper right after SGD.
+    model.momentum_update_key_encoder()
+    assert_states_close(model.query_encoder, ref.f_q)
+    assert_states_close(model.key_encoder, ref.f_k)
+    if config.momentum > 0:  # the comparison is not vacuous: f_k moved, and lags behind f_q
+        moved = [not torch.equal(t, key_start[n]) for n, t in model.key_encoder.named_parameters()]
+        assert all(moved)
+        query = dict(model.query_encoder.named_parameters())
+        assert any(not torch.allclose(t, query[n]) for n, t in model.key_encoder.named_parameters())
+
+
+def test_shuffle_bn_with_split_bn_changes_keys_but_keeps_each_with_its_image():
+    shuffled = MoCoModel(tiny_config(bn_splits=2, shuffle_bn=True)).train()
+    plain = copy.deepcopy(shuffled)
+    plain.config = copy.deepcopy(shuffled.config)
+    plain.config.shuffle_bn = False
+    x1, x2 = images(8, seed=1), images(8, seed=2)
+    torch.manual_seed(3)
+    perm = torch.randperm(8)
+    torch.manual_seed(3)
+    k_shuffled = shuffled(x1, x2).key_embeddings
+    k_plain = plain(x1, x2).key_embeddings
+
+    # Each BN chunk holds other images, so the statistics (and keys) change ...
+    assert not set(perm[:4].tolist()) == set(range(4))
+    assert not torch.allclose(k_shuffled, k_plain, atol=1e-4)
+    # ... but key i is still the key of image i: it equals f_k on image i with the same chunk-mates.
+    with torch.no_grad():
+        chunk_keys = encode(shuffled.key_encoder, x2[perm], splits=2)
+    torch.testing.assert_close(k_shuffled[perm], chunk_keys, **TOL)
+
+
+def test_shuffle_bn_in_one_chunk_gives_the_unshuffled_keys():
+    model = MoCoModel(tiny_config(bn_splits=1, shuffle_bn=True)).train()
+    x1, x2 = images(seed=1), images(seed=2)
+    reference = copy.deepcopy(model.key_encoder)
+    out = model(x1, x2)
+    with torch.no_grad():
+        expected = encode(reference, x2)
+    torch.testing.assert_close(out.key_embeddings, expected, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2.-3. Gradients and side effects
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gradients_reach_query_encoder_only(symmetric):
+    # After one step: timm zero-initialises the last BN scale of each residual block, which blocks the gradient
+    # of the block's convolutions at step 0 only.
+    model = trained_model(steps=1, symmetric=symmetric)
+    model.zero_grad(set_to_none=True)
+    out = model(images(seed=1), images(seed=2))
+    out.loss.backward()
+    for name, param in model.key_encoder.named_parameters():
+        assert not param.requires_grad, name
+        assert param.grad is None, name
+    for name, param in model.query_encoder.named_parameters():
+        assert param.requires_grad, name
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+    assert not model.queue.requires_grad and model.queue.grad is None
+    assert out.key_embeddings.grad_fn is None
+
+
+def test_eval_forward_changes_no_state():
+    model = trained_model()
+    model.eval()
+    before = snapshot(model)
+    x1, x2 = images(seed=10), images(seed=11)
+    features = model(x1)
+    contrast = model(x1, x2)
+    assert_states_equal(snapshot(model), before)
+
+    num_features = model.query_encoder.backbone.num_features
+    assert features.loss is None and features.logits is None
+    assert features.pooler_output.shape == (BATCH, num_features)
+    torch.testing.assert_close(features.query_embeddings.norm(dim=1), torch.ones(BATCH))
+    torch.testing.assert_close(features.last_hidden_state, model.query_encoder.backbone.forward_features(x1))
+    assert contrast.logits.shape == (BATCH, 1 + QUEUE)
+    assert torch.isfinite(contrast.loss)
+    torch.testing.assert_close(contrast.query_embeddings, features.query_embeddings)
+
+
+def test_feature_forward_in_train_mode_leaves_queue_and_key_encoder():
+    model = trained_model()
+    before = snapshot(model)
+    out = model(images(seed=10))
+    after = snapshot(model)
+    assert out.loss is None
+    for name in before:
+        if name.startswith("key_encoder.") or name in ("queue", "queue_ptr"):
+            assert torch.equal(after[name], before[name]), name
+    # Train-mode BatchNorm of the query encoder does update its statistics: the snapshot would catch it.
+    name = "query_encoder.backbone.bn1.running_mean"
+    assert not torch.equal(after[name], before[name])
+
+
+def test_both_encoders_run_through_call():
+    """`encoder.compile()` and hooks only see `__call__`: the query path must not bypass it."""
+    model = MoCoModel(tiny_config()).train()
+    calls = []
+    for name in ("query_encoder", "key_encoder"):
+        getattr(model, name).register_forward_hook(lambda *_, name=name: calls.append(name))
+    model(images(seed=1), images(seed=2))
+    model(images(seed=3))
+    assert calls == ["query_encoder", "key_encoder", "query_encoder"]
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_step_keeps_eager_gradients():
+    """Under torch.compile, the negatives' gradient must use the queue as it was before this step's enqueue."""
+
+    class Step(torch.nn.Module):  # the queue part of MoCoModel.forward, on a linear "encoder"
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(8, 4)
+            self.register_buffer("queue", F.normalize(torch.randn(6, 4), dim=1))
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+        def forward(self, x, k):
+            logits = info_nce_logits(F.normalize(self.encoder(x), dim=1), k, self.queue, 0.2)
+            enqueue(self.queue, self.queue_ptr, k)
+            return info_nce_loss(logits)
+
+    eager = Step()
+    compiled = copy.deepcopy(eager)
+    x, k = torch.randn(4, 8), F.normalize(torch.randn(4, 4), dim=1)
+    eager(x, k).backward()
+    torch.compile(compiled)(x, k).backward()
+    torch.testing.assert_close(compiled.encoder.weight.grad, eager.encoder.weight.grad, **TOL)
+    assert torch.equal(compiled.queue, eager.queue)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4.-5. save_pretrained / from_pretrained
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_round_trip_is_exact_and_training_continues_identically(tmp_path):
+    model = trained_model()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is MoCoModel
+    assert_states_equal(snapshot(loaded), snapshot(model))
+    assert all(not p.requires_grad for p in loaded.key_encoder.parameters())
+    assert all(p.requires_grad for p in loaded.query_encoder.parameters())
+
+    x1, x2 = images(seed=20), images(seed=21)
+    losses = []
+    for m in (model, loaded):
+        m.train()
+        losses.append(train_step(m, sgd(trainable(m), LR), x1, x2, seed=5).loss)
+    assert torch.equal(losses[0], losses[1])
+    assert_states_equal(snapshot(loaded), snapshot(model))
+
+
+@pytest.mark.parametrize("dropped", ["key_encoder+queue", "key_encoder", "queue"])
+def test_checkpoint_without_key_encoder_or_queue_loads(tmp_path, dropped):
+    model = trained_model()
+    saved = snapshot(model)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    drop_key, drop_queue = "key_encoder" in dropped, "queue" in dropped
+    kept = {
+        name: tensor
+        for name, tensor in weights.items()
+        if not (drop_key and name.startswith("key_encoder.")) and not (drop_queue and name in ("queue", "queue_ptr"))
+    }
+    assert len(kept) < len(weights)
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    loaded = AutoModel.from_pretrained(tmp_path)
+    state = snapshot(loaded)
+    for name, tensor in saved.items():
+        if name.startswith("query_encoder."):
+            assert torch.equal(state[name], tensor), name
+        if name.startswith("key_encoder."):
+            expected = saved["query_encoder." + name.removeprefix("key_encoder.")] if drop_key else tensor
+            assert torch.equal(state[name], expected), name
+    assert all(not p.requires_grad for p in loaded.key_encoder.parameters())
+    if drop_queue:
+        assert loaded.queue_ptr.item() == 0
+        torch.testing.assert_close(loaded.queue.norm(dim=1), torch.ones(QUEUE))
+        assert not torch.equal(loaded.queue, saved["queue"])
+    else:
+        assert torch.equal(loaded.queue, saved["queue"]) and torch.equal(loaded.queue_ptr, saved["queue_ptr"])
+    out = loaded.train()(images(seed=1), images(seed=2))
+    assert torch.isfinite(out.loss)
+
+
+def test_classifier_from_moco_checkpoint(tmp_path):
+    model = trained_model()
+    model.save_pretrained(tmp_path)
+    clf = MoCoForImageClassification.from_pretrained(tmp_path, num_labels=10)
+    assert_states_equal(snapshot(clf.query_encoder.backbone), snapshot(model.query_encoder.backbone))
+    assert set(snapshot(clf)) == {"query_encoder." + n for n in snapshot(clf.query_encoder)} | {
+        "classifier.weight",
+        "classifier.bias",
+    }
+    # Official linear evaluation: weight ~ N(0, 0.01), bias 0.
+    assert 0.005 < clf.classifier.weight.std().item() < 0.02
+    assert torch.equal(clf.classifier.bias, torch.zeros(10))
+
+    x, labels = images(seed=3), torch.arange(BATCH) % 10
+    out = clf.train()(x, labels=labels)
+    assert out.logits.shape == (BATCH, 10) and torch.isfinite(out.logits).all()
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    out.loss.backward()
+    assert all(p.grad is not None for p in clf.parameters())
+
+    auto = AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=10)
+    assert type(auto) is MoCoForImageClassification
+    assert_states_equal(snapshot(auto.query_encoder.backbone), snapshot(model.query_encoder.backbone))
+
+
+def test_frozen_backbone_stays_in_eval_mode_and_gets_no_gradient(tmp_path):
+    trained_model().save_pretrained(tmp_path)
+    clf = MoCoForImageClassification.from_pretrained(tmp_path, num_labels=10, freeze_backbone=True)
+    clf.train()
+    assert clf.classifier.training
+    assert not any(m.training for m in clf.query_encoder.modules())
+    # The official linear evaluation asserts exactly two trainable tensors.
+    assert [p for p in clf.parameters() if p.requires_grad] == [clf.classifier.weight, clf.classifier.bias]
+
+    backbone_before = snapshot(clf.query_encoder)
+    out = clf(images(seed=3), labels=torch.arange(BATCH) % 10)
+    out.loss.backward()
+    assert all(p.grad is None for p in clf.query_encoder.parameters())
+    assert clf.classifier.weight.grad is not None and clf.classifier.bias.grad is not None
+    assert_states_equal(snapshot(clf.query_encoder), backbone_before)  # BN statistics did not move
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Initialisation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_fresh_model_keeps_timm_initialisation(backbone):
+    config = tiny_config(backbone)
+    torch.manual_seed(3)
+    model = MoCoModel(config)
+    torch.manual_seed(3)
+    expected = timm.create_model(backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+    assert_states_equal(snapshot(model.query_encoder.backbone), snapshot(expected))
+    assert_states_equal(snapshot(model.key_encoder), snapshot(model.query_encoder))  # f_k.params = f_q.params
+    torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(QUEUE))
+    assert model.queue_ptr.item() == 0
+
+    torch.manual_seed(3)
+    clf = MoCoForImageClassification(tiny_config(backbone, num_labels=4))
+    assert_states_equal(snapshot(clf.query_encoder.backbone), snapshot(expected))
+    assert 0.005 < clf.classifier.weight.std().item() < 0.02
+    assert torch.equal(clf.classifier.bias, torch.zeros(4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(momentum=-0.1), "momentum"),
+        (dict(momentum=1.5), "momentum"),
+        (dict(tau=0.0), "tau"),
+        (dict(tau=-0.2), "tau"),
+        (dict(backbone="not_a_timm_model"), "timm"),
+        (dict(queue_size=0), "queue_size"),
+        (dict(bn_splits=0), "bn_splits"),
+    ],
+)
+def test_bad_config_raises(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_queue_smaller_than_the_keys_of_one_step_raises_at_forward(symmetric):
+    model = MoCoModel(tiny_config(queue_size=BATCH + 2, symmetric=symmetric)).train()
+    before = snapshot(model)
+    x1, x2 = images(seed=1), images(seed=2)
+    if symmetric:  # 2 x 6 keys per step > 8
+        with pytest.raises(ValueError, match="queue_size"):
+            model(x1, x2)
+        assert_states_equal(snapshot(model), before)
+    else:
+        model(x1, x2)
+        with pytest.raises(ValueError, match="queue_size"):
+            model(images(BATCH + 3, seed=1), images(BATCH + 3, seed=2))
+
+
+@pytest.mark.parametrize(
+    "pixel_values, key_pixel_values",
+    [
+        (torch.randn(3, 32, 32), None),
+        (torch.randn(2, 1, 3, 32, 32), None),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), None),
+        (torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)),
+        (torch.randn(2, 3, 32, 32), torch.randn(3, 32, 32)),
+    ],
+)
+def test_bad_inputs_raise(pixel_values, key_pixel_values):
+    model = MoCoModel(tiny_config()).train()
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(pixel_values, key_pixel_values)
+    clf = MoCoForImageClassification(tiny_config(num_labels=3))
+    if key_pixel_values is None:
+        with pytest.raises(ValueError, match="pixel_values"):
+            clf(pixel_values)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Other backbones
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_backbone_trains(backbone):
+    model = MoCoModel(tiny_config(backbone)).train()
+    optimizer = sgd(trainable(model), LR)
+    start = snapshot(model)
+    for step in range(3):
+        out = train_step(model, optimizer, images(seed=2 * step), images(seed=2 * step + 1), seed=step)
+        assert torch.isfinite(out.loss)
+        assert out.logits.shape == (BATCH, 1 + QUEUE)
+    end = snapshot(model)
+    assert model.queue_ptr.item() == (3 * BATCH) % QUEUE
+    assert not torch.equal(end["queue"][: 3 * BATCH], start["queue"][: 3 * BATCH])
+    assert torch.equal(end["queue"][3 * BATCH :], start["queue"][3 * BATCH :])
+    torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(QUEUE))
+    for prefix in ("query_encoder.", "key_encoder."):
+        assert any(not torch.equal(end[n], start[n]) for n in start if n.startswith(prefix)), prefix
