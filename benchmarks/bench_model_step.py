@@ -81,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders of both (as pretrain.py does)")
+    p.add_argument("--baseline-fp32", action="store_true",
+                   help="run the official-style baseline as published (fp32, contiguous, eager) while moco_hf uses "
+                        "--amp/--channels-last/--compile: the speed-up the project gives over the published code")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     args = p.parse_args(argv)
     if args.queue_size % args.batch:
@@ -103,17 +106,22 @@ def main(argv=None) -> None:
     )
     ours = MoCoModel(config).to(device, memory_format=memory_format).train()
     official = OfficialStyleMoCo(copy.deepcopy(ours.query_encoder), ours.queue, config.momentum, config.tau)
-    official = official.to(device, memory_format=memory_format).train()
+    base_format = torch.contiguous_format if args.baseline_fp32 else memory_format
+    official = official.to(device, memory_format=base_format).train()
     if args.compile:  # the encoders, as pretrain.py does; the queue logic stays eager in both
-        for encoder in (ours.query_encoder, ours.key_encoder, official.encoder_q, official.encoder_k):
+        compiled = [ours.query_encoder, ours.key_encoder]
+        if not args.baseline_fp32:
+            compiled += [official.encoder_q, official.encoder_k]
+        for encoder in compiled:
             encoder.compile()
 
-    def make_step(model, loss_of):
+    def make_step(model, loss_of, amp=args.amp, fmt=memory_format):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
 
         def step(x1, x2):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            x1, x2 = x1.contiguous(memory_format=fmt), x2.contiguous(memory_format=fmt)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = loss_of(model(x1, x2))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,7 +132,8 @@ def main(argv=None) -> None:
 
     steps = {
         "moco_hf MoCoModel": make_step(ours, lambda out: out.loss),
-        "official-style": make_step(official, lambda out: F.cross_entropy(out[0].float(), out[1])),
+        "official-style": make_step(official, lambda out: F.cross_entropy(out[0].float(), out[1]),
+                                    amp=args.amp and not args.baseline_fp32, fmt=base_format),
     }
     g = torch.Generator().manual_seed(0)
     n_batches = 4
@@ -148,12 +157,18 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}; {args.backbone}, batch {args.batch} x {args.image_size}px, K={args.queue_size}, "
         f"amp={args.amp}, channels_last={args.channels_last}, compile={args.compile}"
     )
-    first_losses = {}
+    first_losses, peak = {}, {}
     for name, step in steps.items():  # warm-up; the first step of both starts from identical state
+        if device.type == "cuda":
+            sync()
+            torch.cuda.reset_peak_memory_stats(device)
         for i in range(args.warmup):
             loss = step(*batches[i % n_batches])
             if i == 0:
                 first_losses[name] = loss.item()
+        sync()
+        if device.type == "cuda":
+            peak[name] = torch.cuda.max_memory_allocated(device) / 2**30
     sync()
     a, b = first_losses.values()
     print(f"first-step losses: {a:.6f} vs {b:.6f} (|diff| {abs(a - b):.2e})")
@@ -169,10 +184,11 @@ def main(argv=None) -> None:
             sync()
             times[name].append((time.perf_counter() - start) / args.steps)
 
-    print(f"\n{'implementation':<20} {'median ms/step':>15} {'min ms/step':>12} {'images/s':>10}")
+    print(f"\n{'implementation':<20} {'median ms/step':>15} {'min ms/step':>12} {'images/s':>10} {'peak GiB':>9}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<20} {1e3 * med:>15.1f} {1e3 * min(ts):>12.1f} {args.batch / med:>10.1f}")
+        print(f"{name:<20} {1e3 * med:>15.1f} {1e3 * min(ts):>12.1f} {args.batch / med:>10.1f}"
+              f" {peak.get(name, float('nan')):>9.2f}")
     ours_t, official_t = times[order[0]], times[order[1]]
     ratio = statistics.median(ours_t) / statistics.median(official_t)
     paired = statistics.median(a / b for a, b in zip(ours_t, official_t))  # neighbours in time share the noise
