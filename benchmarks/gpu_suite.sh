@@ -25,20 +25,20 @@ print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm'
 table() { grep -E '^(\||device|first|ratio|implementation|moco_hf|official)' "$1"; }
 
 # 1. Model step, ResNet-50 224 px, batch 256, K 65536: official-style fp32 baseline vs moco_hf bf16 + channels_last.
-timeout 150 python3 benchmarks/bench_model_step.py --backbone resnet50 --batch 256 --image-size 224 \
+timeout 120 python3 benchmarks/bench_model_step.py --backbone resnet50 --batch 256 --image-size 224 \
   --queue-size 65536 --amp --channels-last --baseline-fp32 --steps 3 --repeats 6 > "$out/step_r50.txt" 2>&1
 table "$out/step_r50.txt"
 # 2. The same with torch.compile of moco_hf's encoders.
-timeout 200 python3 benchmarks/bench_model_step.py --backbone resnet50 --batch 256 --image-size 224 \
+timeout 180 python3 benchmarks/bench_model_step.py --backbone resnet50 --batch 256 --image-size 224 \
   --queue-size 65536 --amp --channels-last --compile --baseline-fp32 --steps 3 --repeats 6 > "$out/step_r50_compile.txt" 2>&1
 table "$out/step_r50_compile.txt"
 # 3. Data pipeline alone and pretrain.py end to end from JPEG bytes (v2, 224 px, ResNet-50, bf16, channels_last):
 #    PIL on 14 CPU workers vs nvJPEG + batched GPU augmentation.
-timeout 200 python3 benchmarks/bench_pipeline.py --images 2048 --size 224 --preset v2 --batch 256 --workers 14 \
+timeout 180 python3 benchmarks/bench_pipeline.py --images 2048 --size 224 --preset v2 --batch 256 --workers 14 \
   --backbone resnet50 --steps 16 --batches 6 --mixed_precision bf16 --channels_last > "$out/pipeline_r50.txt" 2>&1
 table "$out/pipeline_r50.txt"
 # 4. CIFAR ResNet-18 (3x3 stem) 32 px end to end, batched GPU path.
-timeout 100 python3 benchmarks/bench_pipeline.py --images 8192 --width 32 --height 32 --size 32 --preset cifar \
+timeout 90 python3 benchmarks/bench_pipeline.py --images 8192 --width 32 --height 32 --size 32 --preset cifar \
   --batch 512 --workers 8 --backbone cifar_resnet18 --steps 32 --batches 8 --mixed_precision bf16 --channels_last \
   --paths device > "$out/pipeline_cifar.txt" 2>&1
 table "$out/pipeline_cifar.txt"

@@ -1,6 +1,24 @@
-"""Evaluation of learned features: the weighted kNN monitor (official CIFAR demo: k=200, t=0.1)."""
+"""Evaluation of learned features.
+
+- the weighted kNN monitor (official CIFAR demo: k=200, t=0.1): `extract_features`, `knn_accuracy`;
+- the linear classification protocol of MoCo (official `main_lincls.py`): a linear classifier trained on the
+  pooled features of the frozen backbone, kept in eval mode, with SGD lr 30, momentum 0.9, no weight decay,
+  100 epochs, lr / 10 at epochs 60 and 80; RandomResizedCrop + flip for training, Resize 256 / CenterCrop 224 for
+  evaluation: `LinearEvalConfig`, `run_linear_eval`, `linear_evaluation`;
+- what both linear evaluation and fine-tuning (finetune.py) need: labelled map-style splits with undecoded images
+  (`load_labeled_split`), the preprocessing a checkpoint was trained with (`preprocessing_for`), the
+  classification transforms and a collator that skips and counts corrupt images; `record_metrics` merges results
+  into a model folder's metrics.json (read by the model card: `linear_top1`).
+"""
 
 from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,3 +70,604 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k: in
     num_classes = int(max(train_labels.max(), test_labels.max()).item()) + 1
     predictions = knn_predict(test_features, train_features, train_labels, num_classes, k=k, t=t)
     return 100.0 * (predictions == test_labels).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics records
+# ---------------------------------------------------------------------------------------------------------
+
+
+def record_metrics(model_dir: str | os.PathLike, metrics: dict) -> dict:
+    """Merge `metrics` into model_dir/metrics.json (read by the model card) and return the merged record.
+
+    Existing keys not in `metrics` are kept. Written to a temporary file then renamed, so an interrupted write never
+    leaves a truncated metrics.json behind.
+    """
+    path = os.path.join(model_dir, "metrics.json")
+    existing = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            existing = json.load(f)
+    existing.update(metrics)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(existing, f, indent=2)
+    os.replace(tmp, path)
+    return existing
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing of a checkpoint
+# ---------------------------------------------------------------------------------------------------------
+
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The input pipeline a checkpoint expects: square image size, normalisation, eval crop fraction, interpolation."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+
+    def data_config(self, crop_pct: float | None = None) -> dict:
+        """As a timm data config (e.g. for `moco_hf.hub.save_image_processor`), optionally with another crop_pct."""
+        return {
+            "input_size": (3, self.image_size, self.image_size),
+            "crop_pct": float(self.crop_pct if crop_pct is None else crop_pct),
+            "crop_mode": "center",
+            "interpolation": self.interpolation,
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+        }
+
+
+def read_model_config(model_dir: str | os.PathLike) -> dict:
+    """config.json of a local model folder; FileNotFoundError / ValueError with the reason otherwise."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(
+            f"model_dir {str(model_dir)!r} is not a folder (download a Hub model first, e.g. with "
+            "huggingface_hub.snapshot_download)"
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{str(model_dir)!r} has no config.json: not a folder written by save_pretrained")
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_timm_folder(config: dict) -> bool:
+    """A timm-format model folder (`timm.models.save_for_hf`, `moco_hf.hub.export_timm_backbone`)."""
+    return "architecture" in config and "model_type" not in config
+
+
+def _processor_data_config(path: str) -> dict:
+    """timm data-config overrides from a BitImageProcessor's preprocessor_config.json (a staged or downloaded model)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        proc = json.load(f)
+    out = {}
+    crop, size = proc.get("crop_size") or {}, proc.get("size") or {}
+    if isinstance(crop, dict) and crop.get("height"):
+        out["input_size"] = (3, int(crop["height"]), int(crop.get("width", crop["height"])))
+        short = size.get("shortest_edge") or size.get("height") if isinstance(size, dict) else None
+        if short:
+            out["crop_pct"] = int(crop["height"]) / int(short)
+    if proc.get("image_mean") and proc.get("image_std"):
+        out["mean"], out["std"] = tuple(proc["image_mean"]), tuple(proc["image_std"])
+    if proc.get("resample") in _PIL_RESAMPLE:
+        out["interpolation"] = _PIL_RESAMPLE[proc["resample"]]
+    return out
+
+
+def preprocessing_for(model_dir: str | os.PathLike, image_size: int | None = None) -> Preprocessing:
+    """The preprocessing that a MoCo or timm-format model folder was trained with.
+
+    MoCo folder: what the run recorded (training_config.json from pretrain.py: image_size, mean, std,
+    eval_crop_pct), else preprocessor_config.json (a staged or downloaded folder), else the backbone's timm
+    defaults. timm-format folder: its `pretrained_cfg`. `image_size` replaces the size, keeping the rest.
+    """
+    from . import hub
+    from .configuration_moco import MoCoConfig
+
+    config = read_model_config(model_dir)
+    if config.get("model_type") == MoCoConfig.model_type:
+        override = hub.default_data_config(model_dir) or _processor_data_config(
+            os.path.join(model_dir, "preprocessor_config.json")
+        )
+        if image_size:
+            override["input_size"] = (3, int(image_size), int(image_size))
+        data = hub.resolve_data_config(MoCoConfig.from_pretrained(model_dir), override)
+    elif is_timm_folder(config):
+        data = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear",
+                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), **(config.get("pretrained_cfg") or {})}
+        if image_size:
+            data["input_size"] = (3, int(image_size), int(image_size))
+    else:
+        raise ValueError(
+            f"{str(model_dir)!r} is neither a MoCo model (model_type 'moco') nor a timm-format folder (architecture)"
+        )
+    return Preprocessing(
+        image_size=int(data["input_size"][-1]),
+        mean=tuple(float(v) for v in data["mean"]),
+        std=tuple(float(v) for v in data["std"]),
+        crop_pct=float(data.get("crop_pct") or 1.0),
+        interpolation=data.get("interpolation") or "bilinear",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Labelled image-classification data (linear evaluation, fine-tuning)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class TrainTransform:
+    """RandomResizedCrop(size, scale=(crop_min_scale, 1)) + horizontal flip + normalise (PIL image -> 3 x S x S):
+    the training transform of the official linear classification and of standard supervised training."""
+
+    def __init__(self, size: int, mean, std, crop_min_scale: float = 0.08, flip_prob: float = 0.5,
+                 interpolation: str = "bilinear"):
+        from torchvision.transforms import v2
+
+        mode = v2.InterpolationMode(interpolation if interpolation in ("nearest", "bicubic") else "bilinear")
+        self.transform = v2.Compose([
+            v2.RandomResizedCrop(int(size), scale=(float(crop_min_scale), 1.0), interpolation=mode, antialias=True),
+            v2.RandomHorizontalFlip(flip_prob),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ])
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.transform(image)
+
+
+class ExampleTransform:
+    """`datasets.Dataset.with_transform` function: decode every image (None when it is corrupt), apply
+    `image_transform`, and turn labels into class indices. Returns the columns `pixel_values` and `labels`."""
+
+    def __init__(self, image_transform, image_column: str, label_column: str, label_map: dict[str, int] | None = None):
+        self.image_transform, self.image_column, self.label_column = image_transform, image_column, label_column
+        self.label_map = label_map
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        from .data import decode_image
+
+        pixel_values, labels = [], []
+        for value, label in zip(batch[self.image_column], batch[self.label_column]):
+            image = decode_image(value)
+            pixel_values.append(None if image is None else self.image_transform(image))
+            labels.append(self.label_map[str(label)] if self.label_map is not None else int(label))
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+class ClassificationCollator:
+    """Stack `{"pixel_values", "labels"}` examples into a batch, leaving out (and counting) corrupt images.
+
+    The count is kept in shared memory, so images skipped inside DataLoader worker processes are counted too.
+    A batch whose images all failed to decode is returned as None (the loops here skip it), or raises ValueError
+    with `allow_empty=False` (transformers' Trainer cannot skip a batch).
+    """
+
+    def __init__(self, allow_empty: bool = True):
+        self.allow_empty = allow_empty
+        self._skipped = multiprocessing.Value("q", 0)
+
+    @property
+    def skipped(self) -> int:
+        return int(self._skipped.value)
+
+    def reset(self) -> None:
+        with self._skipped.get_lock():
+            self._skipped.value = 0
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor] | None:
+        kept = [e for e in examples if e["pixel_values"] is not None]
+        if len(kept) < len(examples):
+            with self._skipped.get_lock():
+                self._skipped.value += len(examples) - len(kept)
+        if not kept:
+            if self.allow_empty:
+                return None
+            raise ValueError(f"none of the {len(examples)} images of a batch could be decoded (corrupt files)")
+        return {
+            "pixel_values": torch.stack([e["pixel_values"] for e in kept]),  # N x 3 x S x S
+            "labels": torch.tensor([e["labels"] for e in kept], dtype=torch.long),  # N
+        }
+
+
+@dataclass
+class LabeledSplit:
+    """One split of a labelled image dataset, map-style, images undecoded (decoded by `ExampleTransform`)."""
+
+    dataset: object  # datasets.Dataset
+    image_column: str
+    label_column: str
+    label_names: list[str]
+    label_map: dict[str, int] | None  # str(raw label) -> class index, when the label column is not a ClassLabel
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def with_transform(self, image_transform):
+        """The split as a dataset of {"pixel_values": tensor or None, "labels": int}."""
+        return self.dataset.with_transform(
+            ExampleTransform(image_transform, self.image_column, self.label_column, self.label_map)
+        )
+
+
+def load_labeled_split(
+    split: str,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    train_dir: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    label_names: list[str] | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+    demo_image_size: int = 32,
+) -> LabeledSplit:
+    """A split of a Hub dataset (`dataset_name`, downloaded), of a local folder (`train_dir`: image folder,
+    parquet or webdataset shards), or of the embedded digits (neither), as a map-style `datasets.Dataset`.
+
+    Image columns are read undecoded so that a corrupt file is skipped and counted rather than fatal. Labels: a
+    ClassLabel column gives class indices and names as they are; any other column (ints or strings) is mapped to
+    indices in sorted order. Pass the train split's `label_names` for the eval split so both use the same indices.
+    `max_samples` keeps a random subset (seeded) of that many examples.
+    """
+    from datasets import ClassLabel, load_dataset
+    from datasets import Image as ImageFeature
+
+    from .data import _local_builder, digits_image_folder, find_image_column, find_label_column
+
+    source = dataset_name or train_dir or "the embedded digits"
+    try:
+        if dataset_name:
+            ds = load_dataset(dataset_name, dataset_config, split=split)
+        else:
+            builder, kwargs = _local_builder(train_dir or digits_image_folder(size=demo_image_size))
+            ds = load_dataset(builder, split=split, **kwargs)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise ValueError(f"split {split!r} not found in {source}: {err}") from err
+        raise
+    if len(ds) == 0:
+        raise ValueError(f"split {split!r} of {source} is empty")
+    image_col = find_image_column(ds.features, image_column)
+    label_col = find_label_column(ds.features, label_column)
+    if label_col is None:
+        raise ValueError(f"split {split!r} of {source} has no label column (columns: {list(ds.features)}); "
+                         "name it with label_column")
+    if isinstance(ds.features[image_col], ImageFeature):
+        ds = ds.cast_column(image_col, ImageFeature(decode=False))
+    if max_samples is not None and len(ds) > max_samples:
+        ds = ds.shuffle(seed=seed).select(range(int(max_samples)))
+
+    feature, values = ds.features[label_col], ds.unique(label_col)
+    if isinstance(feature, ClassLabel):
+        names, label_map = list(feature.names), None
+        if label_names is not None and list(label_names) != names:
+            raise ValueError(f"the classes of split {split!r} ({names}) differ from the training split's "
+                             f"({list(label_names)})")
+        if any(v < 0 or v >= len(names) for v in values):
+            raise ValueError(f"split {split!r} of {source} has examples without a valid label (e.g. -1): "
+                             "use a labelled split")
+    else:
+        if label_names is None:
+            label_names = [str(v) for v in sorted(values, key=lambda v: (type(v).__name__, v))]
+        names = list(label_names)
+        label_map = {name: i for i, name in enumerate(names)}
+        unknown = sorted({str(v) for v in values} - set(label_map))
+        if unknown:
+            raise ValueError(f"split {split!r} has labels that the training split does not: {unknown[:10]}")
+    return LabeledSplit(ds, image_col, label_col, names, label_map)
+
+
+def make_loader(dataset, batch_size: int, collator, num_workers: int = 0, shuffle: bool = False,
+                seed: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """DataLoader over a `LabeledSplit.with_transform` dataset; shuffling drawn from its own seeded generator."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collator,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Linear evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinearEvalConfig:
+    """Linear classification protocol; the defaults are MoCo's ImageNet ResNet-50 ones (official main_lincls.py).
+
+    MoCo v1, Sec. 4.1: "we freeze the features and train a supervised linear classifier (a fully-connected layer
+    followed by softmax). We train this classifier on the global average pooling features of a ResNet, for 100
+    epochs. [...] we perform a grid search and find the optimal initial learning rate is 30 and weight decay is 0".
+    Published: 60.6 % (v1, 200 epochs), 67.5 % (v2, 200 epochs), 71.1 % (v2, 800 epochs) ImageNet top-1.
+
+    Args:
+        epochs (`int`, defaults to 100): training epochs of the classifier.
+        lr (`float`, defaults to 30.0): initial SGD learning rate (ResNet; ViTs need far smaller values).
+        schedule (`tuple[int, ...]`, defaults to (60, 80)): epochs at which the learning rate is divided by 10.
+        momentum (`float`, defaults to 0.9): SGD momentum.
+        weight_decay (`float`, defaults to 0.0): SGD weight decay.
+        batch_size (`int`, defaults to 256): images per step (single process).
+        image_size (`int`, *optional*): crop size; defaults to the size the checkpoint was trained with.
+        crop_pct (`float`, defaults to 0.875): eval transform: shorter side to image_size / crop_pct, center crop
+            image_size (Resize 256 / CenterCrop 224 at 224 px).
+        crop_min_scale (`float`, defaults to 0.08): train RandomResizedCrop minimum area fraction.
+        cached_features (`bool`, defaults to False): extract center-crop features of the train split once and train
+            the classifier on them without augmentation (fast; not the paper protocol).
+        num_workers (`int`, defaults to 4): DataLoader worker processes.
+        seed (`int`, defaults to 0): classifier initialisation, shuffling and augmentation.
+        max_train_samples / max_eval_samples (`int`, *optional*): evaluate on a random subset.
+        mixed_precision (`str`, defaults to "no"): "bf16" runs the frozen backbone under bf16 autocast.
+    """
+
+    epochs: int = 100
+    lr: float = 30.0
+    schedule: tuple[int, ...] = (60, 80)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    image_size: int | None = None
+    crop_pct: float = 0.875
+    crop_min_scale: float = 0.08
+    cached_features: bool = False
+    num_workers: int = 4
+    seed: int = 0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    mixed_precision: str = "no"
+
+    def __post_init__(self):
+        self.schedule = tuple(int(m) for m in self.schedule)
+        for name in ("epochs", "batch_size"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0 (the paper uses 30 for ResNets), got {self.lr!r}")
+        if list(self.schedule) != sorted(self.schedule) or any(m < 1 for m in self.schedule):
+            raise ValueError(f"schedule must be increasing epochs >= 1 (e.g. 60,80), got {self.schedule}")
+        if not 0.0 <= self.momentum < 1.0 or self.weight_decay < 0:
+            raise ValueError(f"momentum must be in [0, 1) and weight_decay >= 0, got {self.momentum}, {self.weight_decay}")
+        if not 0.0 < self.crop_pct <= 1.0 or not 0.0 < self.crop_min_scale <= 1.0:
+            raise ValueError(f"crop_pct and crop_min_scale must be in (0, 1], got {self.crop_pct}, {self.crop_min_scale}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {self.image_size}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+
+
+def linear_lr(epoch: int, base_lr: float, schedule: tuple[int, ...]) -> float:
+    """Step schedule of the official linear classification: base_lr / 10 at every milestone epoch reached."""
+    return base_lr * 0.1 ** sum(epoch >= milestone for milestone in schedule)
+
+
+def backbone_snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer (BatchNorm statistics included) of the model's backbone."""
+    return {name: t.detach().clone() for name, t in model.get_backbone().state_dict().items()}
+
+
+def check_backbone_unchanged(model, snapshot: dict[str, torch.Tensor]) -> None:
+    """Raise RuntimeError naming the backbone tensors that differ (even by one bit) from `snapshot`."""
+    state = model.get_backbone().state_dict()
+    moved = [name for name, ref in snapshot.items()
+             if name not in state or not torch.equal(state[name].detach(), ref.to(state[name].device))]
+    if moved or state.keys() != snapshot.keys():
+        shown = ", ".join(moved[:5]) + (f" and {len(moved) - 5} more" if len(moved) > 5 else "")
+        raise RuntimeError(f"the frozen backbone changed during linear evaluation: {shown or 'its set of tensors'}")
+
+
+def load_linear_classifier(model_dir: str | os.PathLike, label_names: list[str], init_std: float = 0.01):
+    """`MoCoForImageClassification` with the frozen, eval-mode query backbone of a MoCo folder and a fresh
+    linear classifier, initialised as in the official code: weight ~ N(0, 0.01), bias 0."""
+    from .modeling_moco import MoCoForImageClassification
+
+    model = MoCoForImageClassification.from_pretrained(
+        model_dir, num_labels=len(label_names), freeze_backbone=True, ignore_mismatched_sizes=True,
+        id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
+    )
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, init_std)
+        model.classifier.bias.zero_()
+    return model
+
+
+def _forward_backbone(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    backbone = model.get_backbone()
+    return backbone.forward_head(backbone.forward_features(pixel_values), pre_logits=True)  # N x D
+
+
+@torch.no_grad()
+def pooled_features(model, loader, device, autocast_dtype: torch.dtype | None = None):
+    """Pooled backbone features (N x D, fp32, not normalised, on CPU) and labels (N) of every batch of `loader`."""
+    backbone = model.get_backbone()
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            features.append(_forward_backbone(model, batch["pixel_values"].to(device)).float().cpu())
+        labels.append(batch["labels"])
+    backbone.train(was_training)
+    if not features:
+        raise ValueError("no images to extract features from (empty or fully corrupt split)")
+    return torch.cat(features), torch.cat(labels)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Number of rows whose label is among the k highest logits, for each k (k capped at the number of classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # N x kmax
+    hits = top == labels.view(-1, 1)
+    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+
+
+def run_linear_eval(model, train: LabeledSplit, evaluation: LabeledSplit, preprocessing: Preprocessing,
+                    cfg: LinearEvalConfig, device: torch.device | None = None, log=print) -> dict:
+    """Train `model.classifier` on the frozen backbone's pooled features of `train`, evaluate on `evaluation`.
+
+    `model` is a `MoCoForImageClassification` with `freeze_backbone=True` (its backbone gets no gradient and stays in
+    eval mode). Its backbone's parameters and buffers are compared, bit for bit, with a copy taken at the start:
+    RuntimeError if anything moved. Returns `linear_top1` (%), `linear_top5` (% , with >= 5 classes) and the run's
+    settings, each key prefixed `linear_`.
+    """
+    if not model.config.freeze_backbone:
+        raise ValueError("linear evaluation needs a frozen backbone: load the model with freeze_backbone=True")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    snapshot = backbone_snapshot(model)
+    autocast_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+    size, mean, std = preprocessing.image_size, preprocessing.mean, preprocessing.std
+    from .data import EvalTransform
+
+    eval_transform = EvalTransform(size, mean, std, crop_pct=cfg.crop_pct)
+    collator = ClassificationCollator()
+    pin = device.type == "cuda"
+    eval_loader = make_loader(evaluation.with_transform(eval_transform), cfg.batch_size, collator, cfg.num_workers,
+                              pin_memory=pin)
+    head = model.classifier
+    optimizer = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    if cfg.cached_features:
+        start = time.perf_counter()
+        loader = make_loader(train.with_transform(eval_transform), cfg.batch_size, collator, cfg.num_workers,
+                             pin_memory=pin)
+        train_x, train_y = pooled_features(model, loader, device, autocast_dtype)  # N x D, N
+        log(f"cached {tuple(train_x.shape)} center-crop train features in {time.perf_counter() - start:.1f}s")
+
+        def train_batches():
+            for index in torch.randperm(len(train_y), generator=generator).split(cfg.batch_size):
+                yield train_x[index].to(device), train_y[index].to(device)
+
+        def logits_of(inputs):
+            return head(inputs)
+    else:
+        train_transform = TrainTransform(size, mean, std, cfg.crop_min_scale, interpolation=preprocessing.interpolation)
+        loader = make_loader(train.with_transform(train_transform), cfg.batch_size, collator, cfg.num_workers,
+                             shuffle=True, seed=cfg.seed, pin_memory=pin)
+
+        def train_batches():
+            for batch in loader:
+                if batch is not None:
+                    yield batch["pixel_values"].to(device, non_blocking=True), batch["labels"].to(device)
+
+        def logits_of(inputs):
+            with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                                 enabled=autocast_dtype is not None):
+                pooled = _forward_backbone(model, inputs)
+            return head(pooled.float())
+
+    for epoch in range(cfg.epochs):
+        lr = linear_lr(epoch, cfg.lr, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()  # the classifier; MoCoForImageClassification keeps a frozen backbone in eval mode
+        if model.get_backbone().training:
+            raise RuntimeError("the frozen backbone is in train mode: its BatchNorm statistics would move")
+        start, total, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+        for inputs, labels in train_batches():
+            logits = logits_of(inputs)  # N x num_labels
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += len(labels)
+            loss_sum += loss.item() * len(labels)
+            correct += int((logits.argmax(dim=1) == labels).sum())
+        if total == 0:
+            raise ValueError("the training split yields no decodable image")
+        log(f"epoch {epoch + 1}/{cfg.epochs}: lr {lr:g}, loss {loss_sum / total:.4f}, "
+            f"train top-1 {100 * correct / total:.2f}% ({time.perf_counter() - start:.1f}s)")
+
+    model.eval()
+    num_classes = head.out_features
+    ks = (1, 5) if num_classes >= 5 else (1,)
+    correct, total = [0] * len(ks), 0
+    with torch.no_grad():
+        if cfg.cached_features:
+            eval_x, eval_y = pooled_features(model, eval_loader, device, autocast_dtype)
+            batches = zip(eval_x.split(cfg.batch_size), eval_y.split(cfg.batch_size))
+        else:
+            batches = ((b["pixel_values"], b["labels"]) for b in eval_loader if b is not None)
+        for inputs, labels in batches:
+            logits = logits_of(inputs.to(device)).cpu()
+            correct = [c + n for c, n in zip(correct, topk_correct(logits, labels, ks))]
+            total += len(labels)
+    if total == 0:
+        raise ValueError("the evaluation split yields no decodable image")
+    check_backbone_unchanged(model, snapshot)
+
+    metrics = {"linear_top1": 100.0 * correct[0] / total}
+    if len(ks) > 1:
+        metrics["linear_top5"] = 100.0 * correct[1] / total
+    metrics.update({
+        "linear_epochs": cfg.epochs,
+        "linear_lr": cfg.lr,
+        "linear_batch_size": cfg.batch_size,
+        "linear_image_size": size,
+        "linear_protocol": "cached center-crop features" if cfg.cached_features else "RandomResizedCrop + flip",
+        "linear_train_images": len(train),
+        "linear_eval_images": total,
+        "linear_skipped_images": collator.skipped,
+    })
+    return metrics
+
+
+def linear_evaluation(
+    model_dir: str | os.PathLike,
+    cfg: LinearEvalConfig | None = None,
+    *,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    train_dir: str | None = None,
+    train_split: str = "train",
+    eval_split: str = "test",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    record: bool = True,
+    device: torch.device | None = None,
+    log=print,
+) -> dict:
+    """Linear evaluation of the MoCo model in `model_dir` (`run_linear_eval` on the given data; the embedded digits
+    when no dataset is given). With `record`, the metrics are merged into model_dir/metrics.json (the model card
+    shows `linear_top1`); with `output_dir`, the trained classifier is saved there (save_pretrained, image processor,
+    metrics.json)."""
+    cfg = cfg or LinearEvalConfig()
+    torch.manual_seed(cfg.seed)
+    preprocessing = preprocessing_for(model_dir, cfg.image_size)
+    common = dict(dataset_name=dataset_name, dataset_config=dataset_config, train_dir=train_dir,
+                  image_column=image_column, label_column=label_column, seed=cfg.seed,
+                  demo_image_size=preprocessing.image_size)
+    train = load_labeled_split(train_split, max_samples=cfg.max_train_samples, **common)
+    evaluation = load_labeled_split(eval_split, label_names=train.label_names, max_samples=cfg.max_eval_samples,
+                                    **common)
+    model = load_linear_classifier(model_dir, train.label_names)
+    size = preprocessing.image_size
+    log(f"linear evaluation of {model_dir} ({model.config.backbone}, {model.classifier.in_features}-d features): "
+        f"{len(train)} train / {len(evaluation)} eval images, {len(train.label_names)} classes; {cfg.epochs} epochs, "
+        f"batch {cfg.batch_size}, SGD lr {cfg.lr:g} (/10 at epochs {list(cfg.schedule)}), momentum {cfg.momentum}, "
+        f"wd {cfg.weight_decay:g}; eval Resize {math.floor(size / cfg.crop_pct)} / CenterCrop {size}; "
+        f"{'cached center-crop features' if cfg.cached_features else 'train RandomResizedCrop ' + str(size) + ' + flip'}")
+    metrics = run_linear_eval(model, train, evaluation, preprocessing, cfg, device=device, log=log)
+    top5 = f", top-5 {metrics['linear_top5']:.2f}%" if "linear_top5" in metrics else ""
+    log(f"linear evaluation top-1 {metrics['linear_top1']:.2f}%{top5} on '{eval_split}'; backbone unchanged")
+    if record:
+        record_metrics(model_dir, metrics)
+    if output_dir:
+        from .hub import save_image_processor
+
+        model.save_pretrained(output_dir)
+        save_image_processor(model, output_dir, preprocessing.data_config(crop_pct=cfg.crop_pct))
+        record_metrics(output_dir, metrics)
+    return metrics
