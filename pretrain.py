@@ -38,6 +38,7 @@ from moco_hf.data import (
     collate_encoded,
     collate_two_views,
     load_source,
+    split_encoded,
 )
 from moco_hf.gpu_augment import MoCoGPUAugment, decode_jpegs
 from moco_hf.evaluation import extract_features, knn_accuracy
@@ -94,11 +95,16 @@ def use_gpu_augment(cfg: PretrainConfig, device: torch.device) -> bool:
     return cfg.gpu_augment == "on" or (cfg.gpu_augment == "auto" and device.type == "cuda")
 
 
+def chunk_size(batch: int, largest: int = 32) -> int:
+    """The largest divisor of `batch` that is at most `largest`."""
+    return max(d for d in range(1, min(batch, largest) + 1) if batch % d == 0)
+
+
 def build_train_loader(cfg: PretrainConfig, accelerator, stats: dict, gpu: bool = False):
     """(dataset, loader, number of examples) of this process's part of the training stream.
 
-    CPU path: workers decode and augment (PIL), batches are (view_q, view_k, skipped).
-    GPU path: workers read encoded bytes only, batches are (list of byte tensors, skipped).
+    CPU path: workers decode and augment (PIL), chunks are (view_q, view_k, skipped).
+    GPU path: workers read encoded bytes only, chunks are (flat bytes, lengths, skipped).
     """
     source = load_source(
         cfg.train_split, cfg.dataset_name, cfg.dataset_config, cfg.train_dir, cfg.image_column, cfg.label_column,
@@ -114,12 +120,15 @@ def build_train_loader(cfg: PretrainConfig, accelerator, stats: dict, gpu: bool 
         transform = TwoViewTransform(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"], cfg.crop_min_scale)
         dataset = TwoViewStream(stream, source.image_column, transform, seed=cfg.seed, rank=accelerator.process_index)
         collate = collate_two_views
+    # Workers deliver chunks (a divisor of the per-process batch) that the loop joins into batches: a worker never
+    # has to fill a whole batch from its own shards, so little is dropped at the end of each worker's part.
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=cfg.batch_size // accelerator.num_processes,
+        batch_size=chunk_size(cfg.batch_size // accelerator.num_processes),
         num_workers=cfg.num_workers,
         collate_fn=collate,
         drop_last=True,
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
         pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator(),  # keeps loader seeding off the global RNG (exact resume)
         persistent_workers=False,
@@ -185,17 +194,24 @@ class BatchStream:
             self.state.data_epoch += 1
             self.state.batches_in_epoch = 0
             self._start_epoch(0)
-        raise ValueError("the training split yields no complete batch: it is empty or smaller than batch_size")
+        raise ValueError("the training split yields no images: it is empty or every image is unreadable")
 
 
 class CPUViews:
-    """Views augmented by the DataLoader workers, moved to the device (pinned, non-blocking)."""
+    """Views augmented by the DataLoader workers, joined into batches and moved to the device (pinned, non-blocking).
 
-    def __init__(self, batches: BatchStream, device: torch.device, channels_last: bool):
-        self.batches, self.device, self.channels_last = batches, device, channels_last
+    The batch is a whole number of chunks, so the data position (chunks taken) resumes exactly."""
+
+    def __init__(self, batches: BatchStream, device: torch.device, channels_last: bool, batch: int):
+        self.batches, self.device, self.channels_last, self.batch = batches, device, channels_last, batch
 
     def next(self, step: int):
-        view_q, view_k, skipped = self.batches.next()
+        chunks = [self.batches.next()]
+        while sum(c[0].shape[0] for c in chunks) < self.batch:
+            chunks.append(self.batches.next())
+        view_q = torch.cat([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
+        view_k = torch.cat([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]
+        skipped = sum(c[2] for c in chunks)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         view_q = view_q.to(self.device, non_blocking=True, memory_format=memory_format)
         view_k = view_k.to(self.device, non_blocking=True, memory_format=memory_format)
@@ -222,8 +238,8 @@ class GPUViews:
     def next(self, step: int):
         images, skipped = self.carry, 0
         while len(images) < self.batch:
-            data, unreadable = self.batches.next()
-            decoded = decode_jpegs(data, device=self.device)
+            flat, lengths, unreadable = self.batches.next()
+            decoded = decode_jpegs(split_encoded(flat, lengths), device=self.device)
             images = images + list(decoded.images)
             skipped += unreadable + decoded.num_failed
         images, self.carry = images[: self.batch], images[self.batch:]
@@ -309,7 +325,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     batches = BatchStream(dataset, loader, state)
     per_process = cfg.batch_size // accelerator.num_processes
     views = (GPUViews(batches, accelerator.device, cfg, stats, accelerator.process_index, per_process) if gpu_views
-             else CPUViews(batches, accelerator.device, cfg.channels_last))
+             else CPUViews(batches, accelerator.device, cfg.channels_last, per_process))
     progress = None
     if accelerator.is_main_process:
         from tqdm.auto import tqdm

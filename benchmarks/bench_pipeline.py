@@ -64,12 +64,13 @@ def pipeline_throughput(cfg, gpu: bool, device: torch.device, batches: int) -> f
     position = pretrain.TrainState()
     stream = pretrain.BatchStream(dataset, loader, position)
     views = (pretrain.GPUViews(stream, device, cfg, stats, 0, cfg.batch_size) if gpu
-             else pretrain.CPUViews(stream, device, cfg.channels_last))
-    views.next(0)
+             else pretrain.CPUViews(stream, device, cfg.channels_last, cfg.batch_size))
+    for step in range(max(1, cfg.num_workers)):  # every worker has started and delivered once
+        views.next(step)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for step in range(1, batches + 1):
+    for step in range(batches):
         view_q, view_k, _ = views.next(step)
     if device.type == "cuda":
         torch.cuda.synchronize()

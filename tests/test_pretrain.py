@@ -66,7 +66,9 @@ def test_demo_run_end_to_end(tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path):
     """2N steps in one go == N steps, stop, resume with `auto`, N more: same weights, queue, optimizer state."""
-    common = ["--max_steps", "8", "--eval_split", "none", "--bn_splits", "2", "--seed", "3"]
+    # batch 48 = 2 worker chunks of 24 per step: batches are joined from chunks and must resume exactly too.
+    common = ["--max_steps", "8", "--eval_split", "none", "--bn_splits", "2", "--seed", "3", "--batch_size", "48",
+              "--queue_size", "100"]
     straight = pretrain.train(load_config(None, TINY + ["--output_dir", str(tmp_path / "a"), *common]))
 
     first = pretrain.train(load_config(None, TINY + ["--output_dir", str(tmp_path / "b"), *common,
