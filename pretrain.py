@@ -115,7 +115,8 @@ def build_train_loader(cfg: PretrainConfig, accelerator, stats: dict, gpu: bool 
     # Split the stream here and never again: the loader below is not passed through accelerator.prepare.
     stream = split_dataset_by_node(stream, rank=accelerator.process_index, world_size=accelerator.num_processes)
     if gpu:
-        dataset, collate = EncodedStream(stream, source.image_column), collate_encoded
+        dataset = EncodedStream(stream, source.image_column, decode=cfg.device_decode == "workers")
+        collate = collate_encoded
     else:
         transform = TwoViewTransform(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"], cfg.crop_min_scale)
         dataset = TwoViewStream(stream, source.image_column, transform, seed=cfg.seed, rank=accelerator.process_index)
@@ -219,7 +220,8 @@ class CPUViews:
 
 
 class GPUViews:
-    """Encoded batches decoded (nvJPEG on CUDA) and augmented as whole batches on the device.
+    """Chunks decoded by the workers (or encoded, then decoded here with nvJPEG) and augmented as whole batches on the
+    device.
 
     Images that fail to decode are counted; the batch is topped up from the next one, so every step (and every
     process) gets exactly `batch` images. The augmentation generator is reseeded from (seed, rank, step) at each
@@ -238,10 +240,14 @@ class GPUViews:
     def next(self, step: int):
         images, skipped = self.carry, 0
         while len(images) < self.batch:
-            flat, lengths, unreadable = self.batches.next()
-            decoded = decode_jpegs(split_encoded(flat, lengths), device=self.device)
-            images = images + list(decoded.images)
-            skipped += unreadable + decoded.num_failed
+            flat, shapes, unreadable = self.batches.next()
+            skipped += unreadable
+            if shapes.dim() == 2:  # decoded by the workers: one copy of the whole chunk to the device
+                images = images + split_encoded(flat.to(self.device, non_blocking=True), shapes)
+            else:
+                decoded = decode_jpegs(split_encoded(flat, shapes), device=self.device)
+                images = images + list(decoded.images)
+                skipped += decoded.num_failed
         images, self.carry = images[: self.batch], images[self.batch:]
         self.generator.manual_seed(hash((self.seed, self.rank, step)) & 0x7FFF_FFFF_FFFF)
         view_q, view_k = self.augment.two_views(images, generator=self.generator)

@@ -99,6 +99,7 @@ def main(argv=None) -> None:
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--paths", default="cpu,device", help="which paths to run: cpu, device or both")
+    parser.add_argument("--device_decode", default="workers", help="device path decoding: workers or nvjpeg")
     args = parser.parse_args(argv)
 
     from moco_hf.training import load_config
@@ -115,21 +116,23 @@ def main(argv=None) -> None:
                       "--batch_size", str(args.batch), "--num_workers", str(args.workers), "--backbone", args.backbone,
                       "--crop_min_scale", "none", "--eval_split", "none", "--report_to", "none", "--save_steps", "0",
                       "--gpu_augment", "on" if gpu else "off", "--mixed_precision", args.mixed_precision,
+                      "--device_decode", args.device_decode,
                       "--channels_last", str(args.channels_last), "--compile", str(args.compile),
                       "--queue_size", str(max(4096, 2 * args.batch)), "--shuffle_buffer", "256",
                       "--output_dir", os.path.join(tmp, f"run-{path}"), "--log_steps", str(max(1, args.steps // 4))]
             cfg = load_config(None, common + ["--max_steps", str(args.steps)])
-            rows.append((f"data pipeline, {path} path", pipeline_throughput(cfg, gpu, device, args.batches)))
-            rows.append((f"pretrain.py end to end, {path} path", end_to_end(cfg)))
+            label = f"{path} path" + (f" ({args.device_decode} decode)" if gpu else " (PIL workers)")
+            rows.append((f"data pipeline, {label}", pipeline_throughput(cfg, gpu, device, args.batches)))
+            rows.append((f"pretrain.py end to end, {label}", end_to_end(cfg)))
 
     print()
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}),"
           f" torch {torch.__version__}, backbone {args.backbone}, {args.size} px {args.preset}, batch {args.batch},"
           f" {args.workers} workers, mixed precision {args.mixed_precision}")
-    print(f"| {'what':<40} | {'images/s':>10} |")
-    print(f"|{'-' * 42}|{'-' * 12}|")
+    print(f"| {'what':<56} | {'images/s':>10} |")
+    print(f"|{'-' * 58}|{'-' * 12}|")
     for name, value in rows:
-        print(f"| {name:<40} | {value:>10.1f} |")
+        print(f"| {name:<56} | {value:>10.1f} |")
 
 
 if __name__ == "__main__":

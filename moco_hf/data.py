@@ -416,41 +416,57 @@ def read_bytes(value) -> bytes | None:
 
 
 class EncodedStream(torch.utils.data.IterableDataset):
-    """Encoded image bytes (uint8 1-D tensors) for decoding and augmenting whole batches on the GPU.
+    """Images for augmenting whole batches on the GPU, as encoded bytes or decoded by the workers.
 
-    DataLoader workers only read bytes; `gpu_augment.decode_jpegs` decodes (nvJPEG) and `MoCoGPUAugment` augments
-    on the device. Unreadable entries are counted as skipped here; undecodable ones by the decoder.
+    `decode=False`: workers only read bytes, and the training process decodes them with nvJPEG
+    (`gpu_augment.decode_jpegs`). `decode=True`: each worker decodes with libjpeg-turbo (torchvision) into 3 x H x W
+    uint8, which scales with the number of workers; the batch is then copied to the device and augmented there.
+    Unreadable or undecodable images are skipped and counted.
     """
 
-    def __init__(self, hf_dataset, image_column: str):
+    def __init__(self, hf_dataset, image_column: str, decode: bool = False):
         super().__init__()
-        self.hf_dataset, self.image_column = hf_dataset, image_column
+        self.hf_dataset, self.image_column, self.decode = hf_dataset, image_column, decode
 
     def set_epoch(self, epoch: int) -> None:
         self.hf_dataset.set_epoch(epoch)
 
     def __iter__(self):
+        from .gpu_augment import decode_jpegs
+
         skipped = 0
         for example in self.hf_dataset:
             data = read_bytes(example[self.image_column])
-            if not data:
+            tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None
+            if tensor is not None and self.decode:
+                decoded = decode_jpegs([tensor], device="cpu").images
+                tensor = decoded[0] if decoded else None
+            if tensor is None:
                 skipped += 1
                 continue
-            yield torch.frombuffer(bytearray(data), dtype=torch.uint8), skipped
+            yield tensor, skipped
             skipped = 0
 
 
 def collate_encoded(samples):
-    """(bytes tensor, skipped) samples into (one flat uint8 tensor, lengths, skipped in this chunk).
+    """(image tensor, skipped) samples into (one flat uint8 tensor, shapes, skipped in this chunk).
 
-    Two tensors per chunk instead of one per image: every tensor leaving a worker costs a shared-memory file and
-    every pinned one a page-locked allocation, which dominated the batched-decode path when done per image.
+    Encoded bytes give shapes N (lengths); decoded images give shapes N x 3 (C, H, W). Two tensors per chunk instead
+    of one per image: every tensor leaving a worker costs a shared-memory file and every pinned one a page-locked
+    allocation, which dominated the batched path when done per image.
     """
     data, skipped = zip(*samples)
-    lengths = torch.tensor([d.numel() for d in data], dtype=torch.long)
-    return torch.cat(data), lengths, sum(skipped)
+    if data[0].dim() == 1:
+        shapes = torch.tensor([d.numel() for d in data], dtype=torch.long)
+    else:
+        shapes = torch.tensor([list(d.shape) for d in data], dtype=torch.long)
+    return torch.cat([d.reshape(-1) for d in data]), shapes, sum(skipped)
 
 
-def split_encoded(flat: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-    """The per-image byte tensors of a `collate_encoded` chunk (views, no copy)."""
-    return list(torch.split(flat, lengths.tolist()))
+def split_encoded(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
+    """The per-image tensors of a `collate_encoded` chunk (views, no copy): byte strings or 3 x H x W images."""
+    if shapes.dim() == 1:
+        return list(torch.split(flat, shapes.tolist()))
+    sizes = shapes.tolist()
+    parts = torch.split(flat, [c * h * w for c, h, w in sizes])
+    return [part.view(c, h, w) for part, (c, h, w) in zip(parts, sizes)]

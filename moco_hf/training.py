@@ -53,6 +53,7 @@ class PretrainConfig:
     image_size: int = 32  # crop size in pixels
     crop_min_scale: float | None = 0.4  # RandomResizedCrop lower scale bound (None: the preset's)
     gpu_augment: str = "auto"  # auto (GPU when training on CUDA), on, off
+    device_decode: str = "workers"  # with gpu_augment: JPEGs decoded by DataLoader workers (libjpeg-turbo) or nvjpeg
 
     # model (MoCoConfig)
     backbone: str = "test_resnet"
@@ -93,6 +94,7 @@ class PretrainConfig:
             "lr_schedule": ("cosine", "step"),
             "augmentation": ("v1", "v2", "cifar"),
             "gpu_augment": ("auto", "on", "off"),
+            "device_decode": ("workers", "nvjpeg"),
             "report_to": ("tensorboard", "wandb", "all", "none"),
         }
         for name, allowed in choices.items():

@@ -212,3 +212,23 @@ def test_lr_schedules():
     assert step == pytest.approx([0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003])
     warm = [lr_at(s, 100, 10, 0.1, "cosine", warmup_steps=10) for s in range(12)]
     assert warm[0] == pytest.approx(0.01) and warm[9] == pytest.approx(0.1) and warm[10] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("decode", ["workers", "nvjpeg"])
+def test_batched_device_path_on_cpu(tmp_path, decode):
+    """gpu_augment on (here on the CPU): chunks of decoded images or raw bytes, joined into full batches,
+    corrupt files skipped and counted, training runs."""
+    root = make_image_folder(tmp_path / "data", per_class=8)
+    (root / "train" / "class1" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    from moco_hf.data import collate_encoded, split_encoded
+
+    images = [torch.randint(0, 255, (3, h, w), dtype=torch.uint8) for h, w in ((5, 7), (9, 4))]
+    flat, shapes, skipped = collate_encoded([(images[0], 0), (images[1], 2)])
+    assert skipped == 2 and all(torch.equal(a, b) for a, b in zip(images, split_encoded(flat, shapes)))
+
+    cfg = tiny_config(tmp_path, "--train_dir", str(root), "--max_steps", "8", "--batch_size", "8",
+                      "--queue_size", "32", "--eval_split", "none", "--gpu_augment", "on",
+                      "--device_decode", decode, "--num_workers", "1")
+    result = pretrain.train(cfg)
+    assert result.state.step == 8 and result.metrics["skipped_images"] >= 1
+    assert torch.isfinite(result.model.queue).all()
