@@ -41,7 +41,7 @@ from moco_hf.data import (
     split_encoded,
 )
 from moco_hf.gpu_augment import MoCoGPUAugment, decode_jpegs
-from moco_hf.evaluation import extract_features, knn_accuracy
+from moco_hf.evaluation import extract_features, knn_accuracy, record_metrics
 from moco_hf.training import (
     PretrainConfig,
     TrainState,
@@ -422,7 +422,7 @@ def finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics, st
             # The eval transform of the kNN monitor travels with the weights (image processor, model card).
             json.dump({**dataclasses.asdict(cfg), "mean": list(stats["mean"]), "std": list(stats["std"]),
                        "eval_crop_pct": 1.0}, f, indent=2)
-        save_metrics(final, metrics)
+        record_metrics(final, metrics)
         plot_history(history, os.path.join(cfg.output_dir, "training_curves.png"))
         if "knn_acc" in metrics:
             accelerator.print(
@@ -431,18 +431,6 @@ def finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics, st
             )
         accelerator.print(f"saved the final model to {final}")
     return metrics
-
-
-def save_metrics(model_dir: str, metrics: dict) -> None:
-    """Merge `metrics` into model_dir/metrics.json (read by the model card)."""
-    path = os.path.join(model_dir, "metrics.json")
-    existing = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            existing = json.load(f)
-    existing.update(metrics)
-    with open(path, "w") as f:
-        json.dump(existing, f, indent=2)
 
 
 def plot_history(history: dict, path: str) -> None:

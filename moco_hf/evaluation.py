@@ -345,10 +345,9 @@ def load_labeled_split(
                          "name it with label_column")
     if isinstance(ds.features[image_col], ImageFeature):
         ds = ds.cast_column(image_col, ImageFeature(decode=False))
+    feature, values = ds.features[label_col], ds.unique(label_col)  # classes of the whole split, even with a subset
     if max_samples is not None and len(ds) > max_samples:
         ds = ds.shuffle(seed=seed).select(range(int(max_samples)))
-
-    feature, values = ds.features[label_col], ds.unique(label_col)
     if isinstance(feature, ClassLabel):
         names, label_map = list(feature.names), None
         if label_names is not None and list(label_names) != names:
@@ -429,16 +428,19 @@ class LinearEvalConfig:
     def __post_init__(self):
         self.schedule = tuple(int(m) for m in self.schedule)
         for name in ("epochs", "batch_size"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0 (the paper uses 30 for ResNets), got {self.lr!r}")
         if list(self.schedule) != sorted(self.schedule) or any(m < 1 for m in self.schedule):
             raise ValueError(f"schedule must be increasing epochs >= 1 (e.g. 60,80), got {self.schedule}")
         if not 0.0 <= self.momentum < 1.0 or self.weight_decay < 0:
-            raise ValueError(f"momentum must be in [0, 1) and weight_decay >= 0, got {self.momentum}, {self.weight_decay}")
+            raise ValueError(f"momentum must be in [0, 1) and weight_decay >= 0, got {self.momentum}, "
+                             f"{self.weight_decay}")
         if not 0.0 < self.crop_pct <= 1.0 or not 0.0 < self.crop_min_scale <= 1.0:
-            raise ValueError(f"crop_pct and crop_min_scale must be in (0, 1], got {self.crop_pct}, {self.crop_min_scale}")
+            raise ValueError(f"crop_pct and crop_min_scale must be in (0, 1], got {self.crop_pct}, "
+                             f"{self.crop_min_scale}")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be a positive integer, got {self.image_size}")
         if self.mixed_precision not in ("no", "bf16"):
@@ -654,11 +656,12 @@ def linear_evaluation(
                                     **common)
     model = load_linear_classifier(model_dir, train.label_names)
     size = preprocessing.image_size
+    train_views = "cached center-crop features" if cfg.cached_features else f"train RandomResizedCrop {size} + flip"
     log(f"linear evaluation of {model_dir} ({model.config.backbone}, {model.classifier.in_features}-d features): "
         f"{len(train)} train / {len(evaluation)} eval images, {len(train.label_names)} classes; {cfg.epochs} epochs, "
         f"batch {cfg.batch_size}, SGD lr {cfg.lr:g} (/10 at epochs {list(cfg.schedule)}), momentum {cfg.momentum}, "
         f"wd {cfg.weight_decay:g}; eval Resize {math.floor(size / cfg.crop_pct)} / CenterCrop {size}; "
-        f"{'cached center-crop features' if cfg.cached_features else 'train RandomResizedCrop ' + str(size) + ' + flip'}")
+        f"{train_views}")
     metrics = run_linear_eval(model, train, evaluation, preprocessing, cfg, device=device, log=log)
     top5 = f", top-5 {metrics['linear_top5']:.2f}%" if "linear_top5" in metrics else ""
     log(f"linear evaluation top-1 {metrics['linear_top1']:.2f}%{top5} on '{eval_split}'; backbone unchanged")

@@ -1,0 +1,328 @@
+"""Fine-tune a MoCo-pretrained backbone on an image-classification dataset with transformers' Trainer.
+
+Run it:
+    python finetune.py --model_dir outputs/final                     # embedded demo: sklearn digits, 2 CPU cores
+    python finetune.py --model_dir outputs/final --dataset_name uoft-cs/cifar10 --eval_split test \
+        --output_dir outputs/finetune-cifar10                         # a Hub dataset (downloaded, map-style)
+    python finetune.py --model_dir outputs/final --train_dir /data/flowers --eval_split validation
+    python finetune.py --model_dir staged/backbone                   # the timm-format export (TimmWrapper)
+    accelerate launch --num_processes 8 finetune.py --model_dir outputs/final --train_dir /data/imagenet \
+        --eval_split val --bf16 true --per_device_train_batch_size 64  # 8 GPUs: Trainer runs under accelerate
+
+`--model_dir` is a MoCo folder written by save_pretrained (pretrain.py's OUT/final, a `push_to_hub.py --dry_run`
+folder, a downloaded repository), loaded as `MoCoForImageClassification` with a fresh classifier; or a timm-format
+folder (`config.json` with `architecture`, e.g. the staged `backbone/`), loaded with
+`AutoModelForImageClassification` (transformers' TimmWrapper). Every `TrainingArguments` flag works
+(`--learning_rate`, `--num_train_epochs`, `--per_device_train_batch_size`, `--optim`, `--bf16`, ...); the defaults
+below (`TRAINING_DEFAULTS`) differ from Trainer's where fine-tuning a CNN needs it. With no dataset, the embedded
+digits (1,437 train / 360 test images at 32 px) are used, without flips and with crops of at least 60 % of the
+image; from a randomly initialised `cifar_resnet10_slim` MoCo checkpoint the defaults reach 99.4 % test accuracy in
+10 epochs: 39 s wall clock on 2 CPU cores, 3.5 minutes on the same 2 cores shared with other jobs.
+
+Written to --output_dir: the fine-tuned model (save_pretrained; loads with AutoModelForImageClassification, with
+moco_hf imported for a MoCo model), preprocessor_config.json (the eval transform), metrics.json (`finetune_top1`,
+`finetune_top5` in %, and Trainer's eval metrics), training_config.json (the arguments and preprocessing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
+
+import moco_hf  # noqa: F401  (registers MoCo with the Auto classes and the small-image ResNets with timm)
+from moco_hf.data import EvalTransform
+from moco_hf.evaluation import (
+    ClassificationCollator,
+    LabeledSplit,
+    Preprocessing,
+    TrainTransform,
+    is_timm_folder,
+    load_labeled_split,
+    preprocessing_for,
+    read_model_config,
+    record_metrics,
+)
+from moco_hf.modeling_moco import MoCoForImageClassification
+
+logger = logging.getLogger("finetune")
+
+# Trainer defaults replaced (any can be overridden on the command line). Chosen for the digits demo, where they give
+# 99 % test accuracy from a randomly initialised cifar_resnet10_slim in 10 epochs (30 s of training on 2 CPU
+# cores): AdamW lr 3e-3, weight decay 0.05, cosine decay after 5 % warmup, batch 32. For a pretrained ResNet-50 on a
+# large dataset lower the learning rate (e.g. 5e-4 at batch 256). remove_unused_columns is always False: the
+# datasets carry the raw image column that the transform turns into pixel_values.
+TRAINING_DEFAULTS = dict(
+    output_dir="outputs/finetune",
+    num_train_epochs=10,
+    learning_rate=3e-3,
+    weight_decay=0.05,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=256,
+    eval_strategy="epoch",
+    save_strategy="epoch",
+    save_total_limit=1,
+    logging_steps=10,
+    report_to="none",
+    remove_unused_columns=False,
+    dataloader_num_workers=min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0,
+    dataloader_pin_memory=torch.cuda.is_available(),
+    seed=0,
+)
+# Train augmentation for the embedded digits: digits are not mirror-symmetric, and a crop of 8 % of a 32 px digit
+# no longer shows which digit it is.
+DIGITS_AUGMENTATION = dict(crop_min_scale=0.6, flip_prob=0.0)
+
+
+@dataclass
+class FinetuneArguments:
+    """What to fine-tune on what (the optimisation itself is set with TrainingArguments)."""
+
+    model_dir: str = field(metadata={"help": "MoCo folder (save_pretrained) or timm-format folder to start from"})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (default: the embedded digits)"})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration"})
+    train_dir: str | None = field(default=None, metadata={"help": "local image folder, parquet or webdataset shards"})
+    train_split: str = field(default="train", metadata={"help": "split to train on"})
+    eval_split: str = field(default="test", metadata={"help": "split to evaluate on (e.g. validation)"})
+    image_column: str | None = field(default=None, metadata={"help": "image column (detected if not given)"})
+    label_column: str | None = field(default=None, metadata={"help": "label column (detected if not given)"})
+    image_size: int | None = field(default=None, metadata={"help": "crop size (default: the checkpoint's)"})
+    crop_min_scale: float | None = field(
+        default=None, metadata={"help": "RandomResizedCrop minimum area fraction (default 0.08; digits demo 0.6)"}
+    )
+    flip_prob: float | None = field(
+        default=None, metadata={"help": "horizontal flip probability (default 0.5; digits demo 0)"}
+    )
+    eval_crop_pct: float | None = field(
+        default=None, metadata={"help": "eval: resize to size / crop_pct, center crop (default: the checkpoint's)"}
+    )
+    freeze_backbone: bool = field(default=False, metadata={"help": "train only the classifier (MoCo models)"})
+    channels_last: bool = field(
+        default=True, metadata={"help": "channels-last weights: faster convolutions (1.3x on 2 CPU cores)"}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "train on a random subset"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on a random subset"})
+
+
+@dataclass
+class FinetuneResult:
+    metrics: dict
+    trainer: Trainer
+    output_dir: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[FinetuneArguments, TrainingArguments]:
+    parser = HfArgumentParser((FinetuneArguments, TrainingArguments), description=__doc__)
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return args, training_args
+
+
+def training_arguments(**overrides) -> TrainingArguments:
+    """TrainingArguments with this script's defaults (`TRAINING_DEFAULTS`) and `overrides`."""
+    return TrainingArguments(**{**TRAINING_DEFAULTS, **overrides})
+
+
+def build_datasets(args: FinetuneArguments, preprocessing: Preprocessing) -> tuple[LabeledSplit, LabeledSplit]:
+    """(train, eval) splits, map-style with undecoded images, sharing the train split's class indices."""
+    common = dict(dataset_name=args.dataset_name, dataset_config=args.dataset_config, train_dir=args.train_dir,
+                  image_column=args.image_column, label_column=args.label_column,
+                  demo_image_size=preprocessing.image_size)
+    train = load_labeled_split(args.train_split, max_samples=args.max_train_samples, **common)
+    evaluation = load_labeled_split(args.eval_split, label_names=train.label_names, max_samples=args.max_eval_samples,
+                                    **common)
+    return train, evaluation
+
+
+def resolve_augmentation(args: FinetuneArguments) -> dict:
+    """crop_min_scale and flip_prob: as given, else 0.08 and 0.5 (torchvision / timm), else for the embedded
+    digits `DIGITS_AUGMENTATION`."""
+    demo = not (args.dataset_name or args.train_dir)
+    defaults = DIGITS_AUGMENTATION if demo else dict(crop_min_scale=0.08, flip_prob=0.5)
+    return {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in defaults.items()}
+
+
+def build_transforms(args: FinetuneArguments, preprocessing: Preprocessing):
+    """(train, eval) image transforms: RandomResizedCrop + flip + normalise; resize + center crop + normalise."""
+    size, mean, std = preprocessing.image_size, preprocessing.mean, preprocessing.std
+    augmentation = resolve_augmentation(args)
+    train = TrainTransform(size, mean, std, augmentation["crop_min_scale"], augmentation["flip_prob"],
+                           preprocessing.interpolation)
+    crop_pct = args.eval_crop_pct or preprocessing.crop_pct
+    return train, EvalTransform(size, mean, std, crop_pct=crop_pct)
+
+
+def load_model(model_dir: str, label_names: list[str], freeze_backbone: bool = False):
+    """The model to fine-tune with a fresh `len(label_names)`-way classifier: `MoCoForImageClassification` for a
+    MoCo folder (query backbone kept; key encoder, queue and projection head dropped), transformers' TimmWrapper
+    for a timm-format folder."""
+    config = read_model_config(model_dir)
+    labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                  label2id={name: i for i, name in enumerate(label_names)})
+    if is_timm_folder(config):
+        if freeze_backbone:
+            raise ValueError("freeze_backbone is for MoCo folders; a timm-format folder is fine-tuned entirely")
+        return AutoModelForImageClassification.from_pretrained(model_dir, **labels)
+    return MoCoForImageClassification.from_pretrained(
+        model_dir, freeze_backbone=freeze_backbone, ignore_mismatched_sizes=True, **labels
+    )
+
+
+def compute_metrics(eval_pred) -> dict:
+    """Top-1 (and top-5 with at least 5 classes) accuracy in %, from the eval logits."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    order = np.argsort(-logits, axis=1)  # N x C
+    metrics = {"accuracy": 100.0 * float((order[:, 0] == labels).mean())}
+    if logits.shape[1] >= 5:
+        metrics["top5"] = 100.0 * float((order[:, :5] == labels[:, None]).any(axis=1).mean())
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run(args: FinetuneArguments, training_args: TrainingArguments, callbacks: list | None = None) -> FinetuneResult:
+    """Fine-tune `args.model_dir` with transformers' Trainer; save the model, processor and metrics to
+    `training_args.output_dir`. `callbacks` are extra `TrainerCallback`s."""
+    training_args.remove_unused_columns = False  # the raw image column feeds the transform
+    preprocessing = preprocessing_for(args.model_dir, args.image_size)
+    train, evaluation = build_datasets(args, preprocessing)
+    train_transform, eval_transform = build_transforms(args, preprocessing)
+    model = load_model(args.model_dir, train.label_names, args.freeze_backbone)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_collator, eval_collator = ClassificationCollator(allow_empty=False), ClassificationCollator(allow_empty=False)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        data_collator=_SplitCollator(train_collator, eval_collator),
+        train_dataset=_TaggedDataset(train.with_transform(train_transform), "train"),
+        eval_dataset=_TaggedDataset(evaluation.with_transform(eval_transform), "eval"),
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+    )
+    world = training_args.world_size
+    batch = training_args.per_device_train_batch_size * world * training_args.gradient_accumulation_steps
+    steps = math.ceil(len(train) / batch) * training_args.num_train_epochs if training_args.max_steps <= 0 \
+        else training_args.max_steps
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if training_args.process_index == 0:
+        print(f"fine-tuning {args.model_dir} ({type(model).__name__}, {trainable:,} trainable parameters) on "
+              f"{args.dataset_name or args.train_dir or 'the embedded digits'}: {len(train)} train / "
+              f"{len(evaluation)} eval images, {len(train.label_names)} classes, {preprocessing.image_size} px; "
+              f"global batch {batch} = {world} x {training_args.per_device_train_batch_size} x "
+              f"{training_args.gradient_accumulation_steps}; {_name(training_args.optim)} lr "
+              f"{training_args.learning_rate:g} ({_name(training_args.lr_scheduler_type)}); {steps:g} steps")
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_skipped = train_collator.skipped
+    eval_collator.reset()
+    metrics = trainer.evaluate()
+    metrics = {
+        "finetune_top1": metrics["eval_accuracy"],
+        **({"finetune_top5": metrics["eval_top5"]} if "eval_top5" in metrics else {}),
+        **metrics,
+        "finetune_train_images": len(train),
+        "finetune_eval_images": len(evaluation) - eval_collator.skipped,
+        "finetune_skipped_train_images": train_skipped,  # over all epochs
+        "finetune_skipped_eval_images": eval_collator.skipped,
+    }
+    out = training_args.output_dir
+    if trainer.is_world_process_zero():
+        save(trainer, out, args, training_args, preprocessing, metrics)
+        if train_skipped or metrics["finetune_skipped_eval_images"]:
+            logger.warning("skipped corrupt images: %d while training, %d in the final evaluation", train_skipped,
+                           metrics["finetune_skipped_eval_images"])
+        print(f"fine-tuned top-1 {metrics['finetune_top1']:.2f}% on '{args.eval_split}'; saved to {out}")
+    return FinetuneResult(metrics, trainer, out)
+
+
+def _name(value) -> str:
+    return str(getattr(value, "value", value))
+
+
+class _SplitCollator:
+    """Sends each batch to its split's `ClassificationCollator` (by the `_split` tag): skips counted per split."""
+
+    def __init__(self, train: ClassificationCollator, evaluation: ClassificationCollator):
+        self.train, self.evaluation = train, evaluation
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        target = self.train if examples and examples[0].get("_split") == "train" else self.evaluation
+        return target([{k: v for k, v in e.items() if k != "_split"} for e in examples])
+
+
+class _TaggedDataset(torch.utils.data.Dataset):
+    """A dataset whose examples also carry `_split`, for `_SplitCollator`."""
+
+    def __init__(self, dataset, split: str):
+        self.dataset, self.split = dataset, split
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return {**self.dataset[index], "_split": self.split}
+
+
+def save(trainer: Trainer, out: str, args: FinetuneArguments, training_args: TrainingArguments,
+         preprocessing: Preprocessing, metrics: dict) -> None:
+    """save_pretrained + eval transform (preprocessor_config.json; for TimmWrapper, config.json's pretrained_cfg) +
+    metrics.json + training_config.json in `out`."""
+    from moco_hf.hub import save_image_processor
+
+    model = trainer.model
+    crop_pct = args.eval_crop_pct or preprocessing.crop_pct
+    data_config = preprocessing.data_config(crop_pct=crop_pct)
+    if hasattr(model, "timm_model"):
+        # TimmWrapper: AutoImageProcessor builds timm's eval transform from the config's pretrained_cfg.
+        model.config.pretrained_cfg = {**(model.config.pretrained_cfg or {}), **data_config}
+        trainer.save_model(out)
+    else:
+        trainer.save_model(out)
+        save_image_processor(model, out, data_config)
+    record_metrics(out, metrics)
+    # Read by moco_hf.hub (model card, image processor) if the fine-tuned model is published.
+    optimisation = ("learning_rate", "num_train_epochs", "max_steps", "optim", "weight_decay", "lr_scheduler_type",
+                    "warmup_steps", "per_device_train_batch_size", "seed")
+    record = {**dataclasses.asdict(args), **resolve_augmentation(args), "image_size": preprocessing.image_size,
+              "mean": list(preprocessing.mean), "std": list(preprocessing.std), "eval_crop_pct": crop_pct,
+              "interpolation": preprocessing.interpolation,
+              **{key: _name(getattr(training_args, key)) if key in ("optim", "lr_scheduler_type")
+                 else getattr(training_args, key) for key in optimisation}}
+    with open(os.path.join(out, "training_config.json"), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("datasets", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args, training_args = parse_args(argv)
+    try:
+        run(args, training_args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"finetune.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
