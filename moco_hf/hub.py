@@ -7,6 +7,7 @@
       model.safetensors              query + key encoders and queue (safetensors only, never a pickle)
       configuration_moco.py          the code that trust_remote_code runs
       modeling_moco.py
+      backbones.py                   small-image ResNets (cifar_resnet18, ...) registered with timm on import
       preprocessor_config.json       BitImageProcessor = the backbone's timm eval transform
       README.md                      model card
       backbone/                      the query backbone alone, in timm's hub format
@@ -533,7 +534,8 @@ def stage(
         }
     )
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in ("configuration_moco.py", "modeling_moco.py"):  # copied by save_pretrained (register_for_auto_class)
+    # copied by save_pretrained (register_for_auto_class) with the relative imports they need
+    for name in ("configuration_moco.py", "modeling_moco.py", "backbones.py"):
         if not (out / name).is_file():
             shutil.copy(Path(__file__).with_name(name), out / name)
     for pickled in out.glob("*.bin"):

@@ -32,6 +32,7 @@ STAGED_FILES = {
     "README.md",
     "config.json",
     "configuration_moco.py",
+    "backbones.py",
     "model.safetensors",
     "modeling_moco.py",
     "preprocessor_config.json",
