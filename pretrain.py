@@ -16,6 +16,7 @@ Any config key can be overridden as `--key value`; the resolved config is writte
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from datasets.distributed import split_dataset_by_node
 
 from moco_hf import MoCoConfig, MoCoModel
@@ -70,8 +71,11 @@ def make_accelerator(cfg: PretrainConfig) -> Accelerator:
     # Every process enqueues the same gathered keys, so queues agree without DDP's buffer broadcast; leaving it
     # on would overwrite each rank's queue (and key-encoder BN statistics) with rank 0's on every forward.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    # The kNN monitor runs on the main process while the others wait in a collective: allow it time.
+    group = InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))
     return Accelerator(
-        mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=cfg.output_dir, kwargs_handlers=[ddp]
+        mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=cfg.output_dir,
+        kwargs_handlers=[ddp, group],
     )
 
 
@@ -144,9 +148,14 @@ def build_knn_loaders(cfg: PretrainConfig, stats: dict):
     transform = EvalTransform(cfg.image_size, stats["mean"], stats["std"], crop_pct=1.0)
     loaders = []
     for split, limit in ((cfg.train_split, cfg.knn_max_train_samples), (cfg.eval_split, cfg.knn_max_eval_samples)):
-        source = load_source(split, cfg.dataset_name, cfg.dataset_config, cfg.train_dir, cfg.image_column,
-                             cfg.label_column, num_shards=1, demo_image_size=cfg.image_size)
+        try:
+            source = load_source(split, cfg.dataset_name, cfg.dataset_config, cfg.train_dir, cfg.image_column,
+                                 cfg.label_column, num_shards=1, demo_image_size=cfg.image_size)
+        except ValueError as err:
+            logger.warning("no kNN monitor: %s (set eval_split to a labelled held-out split, or none)", err)
+            return None
         if source.label_column is None:
+            logger.warning("no kNN monitor: split %r has no label column", split)
             return None
         # A fixed shuffle before the cap, so a capped bank is not just the first classes of a sorted folder.
         subset = source.dataset.shuffle(seed=0, buffer_size=cfg.shuffle_buffer).take(limit)
@@ -164,7 +173,8 @@ def run_knn(backbone, loaders, cfg: PretrainConfig, device) -> float:
 
 def random_init_knn(cfg: PretrainConfig, loaders, device) -> float:
     """kNN accuracy of the same backbone at its random initialisation (same seed), leaving the RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):  # manual_seed also seeds CUDA: keep its state too
         torch.manual_seed(cfg.seed)
         fresh = build_model(cfg).to(device)
     return run_knn(fresh.get_backbone(), loaders, cfg, device)
@@ -283,10 +293,12 @@ def train(cfg: PretrainConfig) -> TrainResult:
     stats = data_stats(model)
     gpu_views = use_gpu_augment(cfg, accelerator.device)
     dataset, loader, num_examples = build_train_loader(cfg, accelerator, stats, gpu=gpu_views)
-    if num_examples is None and cfg.max_steps <= 0:
-        raise ValueError("the dataset does not say how many examples it has (streaming); set max_steps")
-    steps_per_epoch = max(1, (num_examples or cfg.batch_size) // cfg.batch_size)
-    if num_examples is not None and num_examples < cfg.batch_size:
+    num_examples = num_examples or cfg.num_train_examples
+    if num_examples is None:
+        raise ValueError("the dataset does not say how many images it has (e.g. webdataset shards); set "
+                         "num_train_examples, which defines epochs for the schedule, kNN monitor and logs")
+    steps_per_epoch = max(1, num_examples // cfg.batch_size)
+    if num_examples < cfg.batch_size:
         raise ValueError(f"the training split has {num_examples} images, fewer than batch_size={cfg.batch_size}")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * steps_per_epoch
     lr = cfg.base_lr * cfg.batch_size / 256
@@ -315,6 +327,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     if resume:
         accelerator.load_state(resume)
+        if state.positions:  # custom state is written by the main process: every rank's position is in it
+            state.data_epoch, state.batches_in_epoch = state.positions[accelerator.process_index]
         accelerator.print(f"resumed from {resume} at step {state.step}")
 
     if accelerator.trackers:
@@ -391,6 +405,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
             accelerator.log({"knn_acc": acc}, step=state.step)
             accelerator.print(f"\nepoch {epoch}: kNN accuracy {acc:.2f}%")
         if (cfg.save_steps > 0 and state.step % cfg.save_steps == 0) or (state.step == stop_at < total_steps):
+            position = torch.tensor([[state.data_epoch, state.batches_in_epoch]], device=accelerator.device)
+            state.positions = accelerator.gather(position).tolist()
             path = save_checkpoint(accelerator, cfg.output_dir, state.step, cfg.save_total_limit)
             accelerator.print(f"\nsaved {path}")
     if progress is not None:

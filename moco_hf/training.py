@@ -49,6 +49,7 @@ class PretrainConfig:
     num_workers: int = 1
     num_shards: int = 16  # shards of a local dataset's stream (>= processes x workers)
     shuffle_buffer: int = 10_000
+    num_train_examples: int | None = None  # size of the training split when the source does not say (webdataset)
     augmentation: str = "cifar"  # v1, v2, cifar
     image_size: int = 32  # crop size in pixels
     crop_min_scale: float | None = 0.4  # RandomResizedCrop lower scale bound (None: the preset's)
@@ -100,9 +101,14 @@ class PretrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("batch_size", "image_size", "num_shards", "knn_k"):
+        for name in ("batch_size", "image_size", "num_shards", "knn_k", "log_steps", "save_total_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "save_steps", "knn_every_epochs", "warmup_epochs", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_train_examples is not None and self.num_train_examples < 1:
+            raise ValueError(f"num_train_examples must be >= 1, got {self.num_train_examples}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_epochs > 0")
         if self.queue_size < self.batch_size * (2 if self.symmetric else 1):
@@ -157,6 +163,8 @@ def load_config(config_path: str | None = None, overrides: list[str] | None = No
         unknown = sorted(set(values) - set(valid))
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown} in {config_path}; valid keys: {', '.join(valid)}")
+        # YAML reads 1e-4 and `none` as strings: give them the field's type as on the command line.
+        values = {k: parse_value(k, v) if isinstance(v, str) else v for k, v in values.items()}
     overrides = list(overrides or [])
     i = 0
     while i < len(overrides):
@@ -278,9 +286,10 @@ class TrainState:
     """Loop position, saved with every checkpoint (accelerate's register_for_checkpointing)."""
 
     step: int = 0
-    data_epoch: int = 0  # epoch of the data stream in use
-    batches_in_epoch: int = 0  # batches already taken from it
+    data_epoch: int = 0  # epoch of this process's data stream
+    batches_in_epoch: int = 0  # loader chunks already taken from it
     skipped_images: int = 0  # corrupt images skipped so far (all processes)
+    positions: list = field(default_factory=list)  # (data_epoch, batches_in_epoch) of every process, at save time
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

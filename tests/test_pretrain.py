@@ -181,6 +181,11 @@ def test_config_file_and_overrides(tmp_path):
     cfg = load_config(str(path), ["--batch_size", "32", "--symmetric", "true", "--crop_min_scale=0.5"])
     assert (cfg.batch_size, cfg.lr_steps, cfg.backbone, cfg.symmetric, cfg.crop_min_scale) == (
         32, [3, 4], "test_vit", True, 0.5)
+    path.write_text("base_lr: 3e-2\nweight_decay: 1e-4\neval_split: none\n")  # YAML reads these as strings
+    cfg = load_config(str(path), [])
+    assert (cfg.base_lr, cfg.weight_decay, cfg.eval_split) == (0.03, 1e-4, None)
+    with pytest.raises(ValueError, match="log_steps"):
+        load_config(None, ["--log_steps", "0"])
     path.write_text("bogus: 1\n")
     with pytest.raises(ValueError, match="unknown config key"):
         load_config(str(path), [])

@@ -20,7 +20,7 @@ from moco_hf.training import load_config
 out = sys.argv[1]
 cfg = load_config(None, ["--backbone", "test_resnet", "--embed_dim", "16", "--queue_size", "64",
                          "--batch_size", "16", "--max_steps", "3", "--log_steps", "1", "--report_to", "none",
-                         "--eval_split", "none", "--num_shards", "4", "--output_dir", out, "--save_steps", "0"])
+                         "--eval_split", "none", "--num_shards", "4", "--output_dir", out, "--save_steps", "3"])
 result = pretrain.train(cfg)
 rank = int(os.environ["RANK"])
 torch.save({{"queue": result.model.queue, "ptr": result.model.queue_ptr,
@@ -64,6 +64,13 @@ def test_two_process_run(tmp_path):
         for name, tensor in ranks[0][part].items():
             if tensor.is_floating_point() and "running" not in name:
                 assert torch.allclose(tensor, ranks[1][part][name], atol=1e-6), (part, name)
+
+    # The checkpoint holds every rank's data position (custom state is written by the main process only).
+    from moco_hf.training import list_checkpoints
+
+    checkpoint = list_checkpoints(str(out))[-1]
+    state = torch.load(os.path.join(checkpoint, "custom_checkpoint_1.pkl"), weights_only=False)
+    assert state["step"] == 3 and len(state["positions"]) == 2
 
     seen = [json.loads((out / f"paths{r}.json").read_text()) for r in (0, 1)]
     a, b = set(seen[0]["paths"]), set(seen[1]["paths"])
