@@ -286,6 +286,28 @@ def find_label_column(features, requested: str | None) -> str | None:
     return None
 
 
+def _is_missing_split(err: ValueError) -> bool:
+    message = str(err)
+    return "Unknown split" in message or "Bad split" in message
+
+
+def _load_local(split: str, train_dir: str | None, demo_image_size: int, streaming: bool = False):
+    """(dataset, folder) of one split of a local folder (or of the embedded digits when `train_dir` is empty).
+
+    Webdataset shards always stream; the other builders give a map-style table (for an image folder, of paths).
+    """
+    from datasets import load_dataset
+
+    path = train_dir or digits_image_folder(size=demo_image_size)
+    builder, kwargs = _local_builder(path)
+    try:
+        return load_dataset(builder, split=split, streaming=streaming or builder == "webdataset", **kwargs), path
+    except ValueError as err:
+        if _is_missing_split(err):
+            raise ValueError(f"split {split!r} not found in {path!r}: {err}") from err
+        raise
+
+
 def load_source(
     split: str,
     dataset_name: str | None = None,
@@ -303,25 +325,17 @@ def load_source(
     a Hub dataset streams directly.
     """
     from datasets import Image as ImageFeature
-    from datasets import load_dataset
+    from datasets import IterableDataset, load_dataset
 
     if dataset_name:
         ds = load_dataset(dataset_name, dataset_config, split=split, streaming=True)
         info_splits = getattr(ds.info, "splits", None) or {}
         num_examples = info_splits[split].num_examples if split in info_splits else None
     else:
-        path = train_dir or digits_image_folder(size=demo_image_size)
-        builder, kwargs = _local_builder(path)
-        if builder == "webdataset":
-            ds = load_dataset(builder, split=split, streaming=True, **kwargs)
-            num_examples = None
+        table, path = _load_local(split, train_dir, demo_image_size)
+        if isinstance(table, IterableDataset):  # webdataset shards: streamed, size unknown
+            ds, num_examples = table, None
         else:
-            try:
-                table = load_dataset(builder, split=split, **kwargs)
-            except ValueError as err:
-                if "Unknown split" in str(err) or "split" in str(err).lower():
-                    raise ValueError(f"split {split!r} not found in {path!r}: {err}") from err
-                raise
             num_examples = len(table)
             if num_examples == 0:
                 raise ValueError(f"split {split!r} of {path!r} is empty")
@@ -595,16 +609,18 @@ def load_labeled_split(
     from datasets import Image as ImageFeature
 
     source = dataset_name or train_dir or "the embedded digits"
-    try:
-        if dataset_name:
+    if dataset_name:
+        try:
             ds = load_dataset(dataset_name, dataset_config, split=split)
-        else:
-            builder, kwargs = _local_builder(train_dir or digits_image_folder(size=demo_image_size))
-            ds = load_dataset(builder, split=split, **kwargs)
-    except ValueError as err:
-        if "split" in str(err).lower():
-            raise ValueError(f"split {split!r} not found in {source}: {err}") from err
-        raise
+        except ValueError as err:
+            if _is_missing_split(err):
+                raise ValueError(f"split {split!r} not found in {source}: {err}") from err
+            raise
+    else:
+        ds, _ = _load_local(split, train_dir, demo_image_size)
+        if not hasattr(ds, "__len__"):
+            raise ValueError(f"{source} streams webdataset shards; linear evaluation and fine-tuning need an "
+                             "image folder or parquet files")
     if len(ds) == 0:
         raise ValueError(f"split {split!r} of {source} is empty")
     image_col = find_image_column(ds.features, image_column)

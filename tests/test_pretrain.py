@@ -14,11 +14,7 @@ sys.path.insert(0, ROOT)
 import pretrain  # noqa: E402
 from moco_hf.training import list_checkpoints, load_config, resolve_resume  # noqa: E402
 
-TINY = [
-    "--backbone", "test_resnet", "--embed_dim", "16", "--queue_size", "64", "--batch_size", "16",
-    "--image_size", "32", "--log_steps", "2", "--report_to", "none", "--num_shards", "4",
-    "--shuffle_buffer", "64", "--knn_k", "20",
-]
+from _tiny import TINY  # noqa: E402
 
 
 def tiny_config(tmp_path, *extra):

@@ -19,11 +19,7 @@ import push_to_hub  # noqa: E402
 from moco_hf.evaluation import LinearEvalConfig, linear_evaluation, preprocessing_for  # noqa: E402
 from moco_hf.training import load_config  # noqa: E402
 
-TINY = [
-    "--backbone", "test_resnet", "--embed_dim", "16", "--queue_size", "64", "--batch_size", "16",
-    "--image_size", "32", "--log_steps", "2", "--report_to", "none", "--num_shards", "4",
-    "--shuffle_buffer", "64", "--knn_k", "20",
-]
+from _tiny import TINY  # noqa: E402
 
 
 def test_pretrain_linear_eval_publish_finetune(tmp_path):
