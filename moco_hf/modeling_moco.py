@@ -122,6 +122,104 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that normalises each of `num_splits` equal chunks of the batch with that chunk's own statistics,
+    in one pass over the batch: what `num_splits` GPUs with a chunk each would compute.
+
+    The official MoCo CIFAR-10 demo's `SplitBatchNorm` "simulate[s] multi-gpu behavior of BatchNorm in one gpu" this
+    way. As there, each chunk updates its own copy of the running statistics with the momentum and the copies are
+    averaged: running = (1 - m) * running + m * mean over chunks of the chunk's statistic (its unbiased variance
+    for `running_var`); `num_batches_tracked` counts forward passes, and `momentum=None` is the cumulative average,
+    as in `nn.BatchNorm2d`. The chunks are contiguous, as `x.chunk(num_splits)` (the demo interleaves them; the same
+    up to a permutation of the batch).
+
+    Splits in train mode (or without running statistics) while `num_splits` > 1; otherwise it is exactly
+    `nn.BatchNorm2d`, so in eval mode it uses the running statistics of the whole module. Parameters, buffers and
+    state-dict keys are those of `nn.BatchNorm2d`.
+    """
+
+    def __init__(self, num_features: int, num_splits: int = 1, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+            raise ValueError(f"num_splits must be a positive integer, got {num_splits!r}")
+        self.num_splits = num_splits
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        batch_stats = self.training or self.running_mean is None
+        if self.num_splits == 1 or not batch_stats:
+            return super().forward(input)
+        self._check_input_dim(input)
+        n, g = input.shape[0], self.num_splits
+        if n % g:
+            raise ValueError(f"split BatchNorm: the batch N={n} must be divisible by bn_splits={g}")
+        per_split = n // g * input.shape[2] * input.shape[3]  # values per channel in one split
+        if per_split == 1:
+            raise ValueError(
+                f"split BatchNorm needs more than 1 value per channel in each split, got input {tuple(input.shape)} "
+                f"in {g} splits"
+            )
+
+        # A view also for channels_last inputs; statistics in fp32 under autocast, as the fused kernels do.
+        x = input.unflatten(0, (g, n // g)).to(torch.promote_types(input.dtype, torch.float32))  # g x N/g x C x H x W
+        var, mean = torch.var_mean(x, dim=(1, 3, 4), correction=0, keepdim=True)  # g x 1 x C x 1 x 1
+        scale = torch.rsqrt(var + self.eps)  # g x 1 x C x 1 x 1
+        if self.weight is not None:
+            scale = scale * self.weight.view(1, 1, -1, 1, 1)
+        shift = -mean * scale if self.bias is None else self.bias.view(1, 1, -1, 1, 1) - mean * scale
+        # (x - mean) / sqrt(var + eps) * weight + bias, as one pass over x: x * scale + shift.
+        output = torch.addcmul(shift, x, scale).flatten(0, 1)  # N x C x H x W, in the input's memory format
+
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            # Cumulative average with momentum=None (a tensor, so no host synchronisation).
+            factor = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+            split_var = var.detach() * (per_split / (per_split - 1))  # unbiased, as BatchNorm's running_var
+            self.running_mean.mul_(1 - factor).add_(mean.detach().mean(0).view(-1) * factor)
+            self.running_var.mul_(1 - factor).add_(split_var.mean(0).view(-1) * factor)
+        return output.to(input.dtype)
+
+
+def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every `nn.BatchNorm2d` in `module` (exactly that type: not subclasses such as timm's `BatchNormAct2d`)
+    by a [`SplitBatchNorm2d`] with `num_splits` that shares its parameters and buffers, in the manner of
+    `nn.SyncBatchNorm.convert_sync_batchnorm`. State-dict keys and values do not change. Returns the module (a new one
+    if `module` itself is an `nn.BatchNorm2d`)."""
+    if type(module) is nn.BatchNorm2d:
+        converted = SplitBatchNorm2d(
+            module.num_features,
+            num_splits,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+            device="meta",  # replaced just below by the module's own tensors
+        )
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        converted.running_mean, converted.running_var = module.running_mean, module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        if hasattr(module, "qconfig"):
+            converted.qconfig = module.qconfig
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_split_batchnorm(child, num_splits))
+    return module
+
+
+def _splits_in_one_pass(module: nn.Module) -> bool:
+    """Whether every BatchNorm of `module` is a plain `nn.BatchNorm2d` (or already split), so that per-split
+    statistics need only [`SplitBatchNorm2d`]."""
+    return all(
+        type(m) in (nn.BatchNorm2d, SplitBatchNorm2d)
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    )
+
+
 class MoCoProjectionHead(nn.Module):
     """Projection from pooled backbone features to the contrastive embedding space.
 
@@ -163,6 +261,12 @@ class MoCoEncoder(nn.Module):
 
     `forward(pixel_values)` returns the unnormalised projection, N x embed_dim; `forward_all` also the backbone's
     unpooled and pooled features.
+
+    Split BatchNorm (`config.bn_splits` > 1): when every BatchNorm of the encoder is a plain `nn.BatchNorm2d`, they
+    become [`SplitBatchNorm2d`] (same parameters, buffers and state-dict keys; `split_bn` is then `True`), and a call
+    with `splits` > 1 runs the encoder once on the whole batch, each BatchNorm normalising every chunk with its own
+    statistics. Otherwise (timm's `BatchNormAct2d`, `BatchNorm1d`, ...) the encoder runs once per chunk, as the
+    fallback.
     """
 
     def __init__(self, config: MoCoConfig):
@@ -172,16 +276,39 @@ class MoCoEncoder(nn.Module):
         self.head = MoCoProjectionHead(
             self.backbone.num_features, config.embed_dim, config.mlp_hidden_dim, mlp=config.mlp_head
         )
+        # At rest the split BatchNorms have one split (plain BatchNorm); `__call__` sets `splits` for one call.
+        self.split_bn = config.bn_splits > 1 and _splits_in_one_pass(self)
+        if self.split_bn:
+            convert_split_batchnorm(self, 1)
+
+    def __call__(self, pixel_values: torch.Tensor, splits: int = 1, return_features: bool = False):
+        """`nn.Module.__call__` with the split BatchNorms set to `splits` for this call only.
+
+        Set here, outside `forward`, so that `encoder.compile()` traces a forward that only reads the split count:
+        one graph per split count, no graph break on the attribute writes. The encoder's modules outside a call
+        (`get_backbone()`) behave as plain BatchNorm."""
+        if not self.split_bn:
+            return super().__call__(pixel_values, splits, return_features)
+        self._set_bn_splits(splits)
+        try:
+            return super().__call__(pixel_values, splits, return_features)
+        finally:
+            self._set_bn_splits(1)
+
+    def _set_bn_splits(self, splits: int) -> None:
+        for module in self.modules():
+            if isinstance(module, SplitBatchNorm2d):
+                module.num_splits = splits
 
     def forward_all(self, pixel_values: torch.Tensor, splits: int = 1):
-        """(unpooled features, pooled features, projection). `splits` > 1 runs the batch in that many chunks,
-        so BatchNorm normalises each chunk on its own, as it would on that many devices.
+        """(unpooled features, pooled features, projection). `splits` > 1: in train mode BatchNorm normalises each
+        of that many chunks of the batch on its own, as it would on that many devices.
 
         Goes through `__call__`, so hooks and `encoder.compile()` apply to it as to `encoder(x)`."""
         return self(pixel_values, splits, return_features=True)
 
     def forward(self, pixel_values: torch.Tensor, splits: int = 1, return_features: bool = False):
-        if splits > 1 and pixel_values.shape[0] > 1:
+        if splits > 1 and not self.split_bn and pixel_values.shape[0] > 1:
             parts = [self._features_and_projection(chunk) for chunk in pixel_values.chunk(splits)]
             outputs = tuple(torch.cat(p, dim=0) for p in zip(*parts))
         else:
@@ -501,6 +628,8 @@ def _check_images(pixel_values, name: str) -> None:
 
 __all__ = [
     "MoCoModelOutput",
+    "SplitBatchNorm2d",
+    "convert_split_batchnorm",
     "MoCoProjectionHead",
     "MoCoEncoder",
     "MoCoPreTrainedModel",

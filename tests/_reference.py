@@ -25,11 +25,43 @@ from torch import nn
 
 
 def encode(encoder: nn.Module, images: torch.Tensor, splits: int = 1) -> torch.Tensor:
-    """Normalised embeddings: projection head over the timm model's pooled output; `splits` > 1 runs each chunk of
-    the batch on its own (BatchNorm sees per-chunk statistics, as on that many GPUs)."""
-    if splits > 1:
-        return torch.cat([encode(encoder, chunk) for chunk in torch.chunk(images, splits)], dim=0)
-    return F.normalize(encoder.head(encoder.backbone(images)), dim=1)  # N x C
+    """Normalised embeddings: projection head over the timm model's pooled output.
+
+    `splits` > 1 is split BatchNorm as in the official CIFAR demo: each chunk of the batch runs on its own, from the
+    same running statistics, as on one of `splits` GPUs (BatchNorm normalises it with its own statistics and updates
+    its own copy of the running ones); then the running statistics become the average of the chunks' copies.
+    """
+    if splits == 1:
+        return F.normalize(encoder.head(encoder.backbone(images)), dim=1)  # N x C
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = norms if encoder.training else []  # in eval mode BatchNorm uses, and keeps, the running statistics
+    start = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    outputs, copies = [], []
+    for chunk in torch.chunk(images, splits):
+        for m, (mean, var, count) in zip(norms, start):  # new tensors: autograd keeps the ones the last chunk used
+            m.running_mean, m.running_var, m.num_batches_tracked = mean.clone(), var.clone(), count.clone()
+        outputs.append(encode(encoder, chunk))
+        copies.append([(m.running_mean, m.running_var) for m in norms])
+    for i, m in enumerate(norms):  # num_batches_tracked stays as every chunk left it: one more than at the start
+        m.running_mean = sum(c[i][0] for c in copies) / len(copies)
+        m.running_var = sum(c[i][1] for c in copies) / len(copies)
+    return torch.cat(outputs, dim=0)
+
+
+def plain_copy(encoder: nn.Module) -> nn.Module:
+    """A deep copy of `encoder` with each of `moco_hf`'s `SplitBatchNorm2d` (found by name: nothing is imported from
+    `moco_hf`) replaced by torch's own `nn.BatchNorm2d` holding the same state, so the reference runs torch's."""
+    encoder = copy.deepcopy(encoder)
+    for module in list(encoder.modules()):
+        for name, child in module.named_children():
+            if type(child).__name__ == "SplitBatchNorm2d":
+                plain = nn.BatchNorm2d(
+                    child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+                )
+                like = next(t for t in (child.weight, child.running_mean) if t is not None)
+                plain.to(like.device, like.dtype).load_state_dict(child.state_dict())
+                setattr(module, name, plain.train(child.training))
+    return encoder
 
 
 def shuffled_keys(key_encoder: nn.Module, images: torch.Tensor, splits: int) -> torch.Tensor:
@@ -56,8 +88,8 @@ class ReferenceMoCo:
     """Algorithm 1 over deep copies of a model's encoders and queue."""
 
     def __init__(self, query_encoder, queue_kxc, ptr, momentum, tau, lr, symmetric=False, splits=1, shuffle=False):
-        self.f_q = copy.deepcopy(query_encoder)
-        self.f_k = copy.deepcopy(query_encoder)  # f_k.params = f_q.params
+        self.f_q = plain_copy(query_encoder)
+        self.f_k = plain_copy(query_encoder)  # f_k.params = f_q.params
         for p in self.f_k.parameters():
             p.requires_grad = False
         self.queue = queue_kxc.detach().T.clone()  # C x K, as in the paper

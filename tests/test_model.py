@@ -10,11 +10,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from _reference import ReferenceMoCo, encode, sgd
+from _reference import ReferenceMoCo, encode, plain_copy, sgd
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForImageClassification
 
 from moco_hf import MoCoConfig, MoCoForImageClassification, MoCoModel, enqueue, info_nce_logits, info_nce_loss
+from moco_hf.modeling_moco import MoCoEncoder, SplitBatchNorm2d, convert_split_batchnorm
 
 BACKBONES = ["test_resnet", "test_vit", "test_convnext"]
 BATCH = 6  # does not divide QUEUE: the pointer wraps around mid-batch
@@ -82,6 +83,9 @@ def assert_states_close(actual: torch.nn.Module, expected: torch.nn.Module) -> N
 
 # (config overrides, batch size). No batch divides the queue of 20. With split BN each chunk keeps >= 3 images:
 # BatchNorm over 2 samples is so ill-conditioned that float rounding alone grows past the tolerance in a few steps.
+# Split BN cases run in float64: the model's one-pass SplitBatchNorm2d and the reference's per-chunk torch BatchNorm
+# round differently, and over 3-4 images per chunk float32 rounding differences grow past the tolerance within a
+# few steps (SplitBatchNorm2d itself is checked against per-chunk BatchNorm in float32 further down).
 ALGORITHM_CASES = {
     "v2": (dict(), BATCH),
     "v1_linear_head": (dict(mlp_head=False, tau=0.07, momentum=0.5), BATCH),
@@ -96,7 +100,8 @@ ALGORITHM_CASES = {
 def test_training_matches_algorithm_1(case):
     overrides, batch = ALGORITHM_CASES[case]
     config = tiny_config(**overrides)
-    model = MoCoModel(config).train()
+    dtype = torch.float64 if config.bn_splits > 1 else torch.float32
+    model = MoCoModel(config).to(dtype).train()
     ref = ReferenceMoCo(
         model.query_encoder,
         model.queue,
@@ -114,12 +119,12 @@ def test_training_matches_algorithm_1(case):
 
     pointers = []
     for step in range(STEPS):
-        x1, x2 = images(batch, seed=2 * step), images(batch, seed=2 * step + 1)
+        x1, x2 = images(batch, seed=2 * step).to(dtype), images(batch, seed=2 * step + 1).to(dtype)
         out = train_step(model, optimizer, x1, x2, seed=100 + step)
         torch.manual_seed(100 + step)
         ref_loss, ref_keys = ref.step(x1, x2)
 
-        torch.testing.assert_close(out.loss, ref_loss, **TOL)
+        torch.testing.assert_close(out.loss, ref_loss.float(), **TOL)  # the model's logits are float32
         # Symmetric: the reference enqueues [k1, k2]; the model returns k2, the keys of its `key_pixel_values`.
         torch.testing.assert_close(out.key_embeddings, ref_keys[-batch:], **TOL)
         torch.testing.assert_close(model.queue, ref.queue.T, **TOL)
@@ -129,9 +134,14 @@ def test_training_matches_algorithm_1(case):
     assert any(after < before for before, after in zip([0] + pointers, pointers))  # the pointer wrapped around
 
     # The model applies the last momentum update at the start of its next step; the paper right after SGD.
+    # The states include the BatchNorm running statistics: with split BN, averaged over the chunks, once per forward.
     model.momentum_update_key_encoder()
     assert_states_close(model.query_encoder, ref.f_q)
     assert_states_close(model.key_encoder, ref.f_k)
+    forwards = STEPS * (2 if config.symmetric else 1)
+    for encoder in (model.query_encoder, model.key_encoder):
+        counts = {n: t.item() for n, t in encoder.state_dict().items() if n.endswith("num_batches_tracked")}
+        assert counts and set(counts.values()) == {forwards}
     if config.momentum > 0:  # the comparison is not vacuous: f_k moved, and lags behind f_q
         moved = [not torch.equal(t, key_start[n]) for n, t in model.key_encoder.named_parameters()]
         assert all(moved)
@@ -269,11 +279,14 @@ def test_compiled_step_keeps_eager_gradients():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_round_trip_is_exact_and_training_continues_identically(tmp_path):
-    model = trained_model()
+@pytest.mark.parametrize("bn_splits", [1, 2])
+def test_round_trip_is_exact_and_training_continues_identically(tmp_path, bn_splits):
+    model = trained_model(bn_splits=bn_splits)
     model.save_pretrained(tmp_path)
     loaded = AutoModel.from_pretrained(tmp_path)
     assert type(loaded) is MoCoModel
+    for encoder in (loaded.query_encoder, loaded.key_encoder):
+        assert any(isinstance(m, SplitBatchNorm2d) for m in encoder.modules()) == (bn_splits > 1)
     assert_states_equal(snapshot(loaded), snapshot(model))
     assert all(not p.requires_grad for p in loaded.key_encoder.parameters())
     assert all(p.requires_grad for p in loaded.query_encoder.parameters())
@@ -465,3 +478,190 @@ def test_backbone_trains(backbone):
     torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(QUEUE))
     for prefix in ("query_encoder.", "key_encoder."):
         assert any(not torch.equal(end[n], start[n]) for n in start if n.startswith(prefix)), prefix
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. Split BatchNorm in one pass
+# ---------------------------------------------------------------------------------------------------------
+
+
+def per_chunk_batchnorm(bn: torch.nn.BatchNorm2d, x: torch.Tensor, splits: int, weight, bias):
+    """The plain definition: torch's batch_norm on each chunk with its own statistics; each chunk updates a copy of
+    the running statistics and the copies are averaged (official CIFAR demo). Returns (output, mean, var)."""
+    factor = bn.momentum if bn.momentum is not None else 1.0 / (bn.num_batches_tracked.item() + 1)
+    outputs, means, variances = [], [], []
+    for chunk in x.chunk(splits):
+        mean, var = bn.running_mean.clone(), bn.running_var.clone()
+        outputs.append(F.batch_norm(chunk, mean, var, weight, bias, training=True, momentum=factor, eps=bn.eps))
+        means.append(mean)
+        variances.append(var)
+    return torch.cat(outputs), torch.stack(means).mean(0), torch.stack(variances).mean(0)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_split_batchnorm_matches_per_chunk_batchnorm(memory_format, momentum):
+    splits, channels = 3, 5
+    g = torch.Generator().manual_seed(0)
+    bn = SplitBatchNorm2d(channels, splits, momentum=momentum).train()
+    with torch.no_grad():
+        for tensor in (bn.weight, bn.bias, bn.running_mean):
+            tensor.copy_(torch.randn(channels, generator=g))
+        bn.running_var.uniform_(0.5, 2.0, generator=g)
+    weight, bias = (t.detach().clone().requires_grad_() for t in (bn.weight, bn.bias))
+
+    for step in range(2):  # momentum=None: factors 1 then 1/2
+        x = (torch.randn(12, channels, 4, 3, generator=g) * 3 + 2).contiguous(memory_format=memory_format)
+        x_ref = x.detach().clone().requires_grad_()
+        x.requires_grad_()
+        upstream = torch.randn(12, channels, 4, 3, generator=g)
+        expected, mean, var = per_chunk_batchnorm(bn, x_ref, splits, weight, bias)
+        out = bn(x)
+
+        assert out.is_contiguous(memory_format=memory_format)
+        torch.testing.assert_close(out, expected, **TOL)
+        torch.testing.assert_close(bn.running_mean, mean, **TOL)
+        torch.testing.assert_close(bn.running_var, var, **TOL)
+        assert bn.num_batches_tracked.item() == step + 1
+
+        bn.zero_grad()
+        (out * upstream).sum().backward()
+        (expected * upstream).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, **TOL)
+        torch.testing.assert_close(bn.weight.grad, weight.grad, **TOL)
+        torch.testing.assert_close(bn.bias.grad, bias.grad, **TOL)
+        weight.grad = bias.grad = None
+
+
+def test_split_batchnorm_is_batchnorm_in_eval_mode_and_with_one_split():
+    x = images(7) * 2 + 1  # 7: no split applies in eval mode
+    plain = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5)
+        plain.running_var.uniform_(0.5, 2.0)
+    split = convert_split_batchnorm(copy.deepcopy(plain), 3)
+    assert type(split) is SplitBatchNorm2d and split.num_splits == 3
+    assert torch.equal(split.eval()(x), plain.eval()(x))
+
+    split.num_splits = 1
+    assert torch.equal(split.train()(x), plain.train()(x))
+    assert_states_equal(snapshot(split), snapshot(plain))
+
+
+def test_split_batchnorm_indivisible_batch_raises():
+    with pytest.raises(ValueError, match=r"batch N=7 must be divisible by bn_splits=2"):
+        SplitBatchNorm2d(3, 2).train()(images(7))
+    model = MoCoModel(tiny_config(bn_splits=2)).train()
+    with pytest.raises(ValueError, match=r"batch N=7 must be divisible by bn_splits=2"):
+        model(images(7, seed=1), images(7, seed=2))
+    assert torch.isfinite(model.eval()(images(7, seed=1), images(7, seed=2)).loss)  # eval mode: running statistics
+    with pytest.raises(ValueError, match="num_splits"):
+        SplitBatchNorm2d(3, 0)
+
+
+def test_convert_split_batchnorm_keeps_state_and_other_norms():
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    before = {name: tensor for name, tensor in backbone.state_dict(keep_vars=True).items()}
+    other = timm.layers.BatchNormAct2d(4)
+    converted = convert_split_batchnorm(torch.nn.Sequential(backbone, other), 2)
+    after = converted[0].state_dict(keep_vars=True)
+    assert after.keys() == before.keys()
+    assert all(after[name] is tensor for name, tensor in before.items())  # shared, not copied
+    norms = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert [type(m) for m in norms] == [SplitBatchNorm2d] * (len(norms) - 1) + [timm.layers.BatchNormAct2d]
+
+    split, plain = MoCoModel(tiny_config(bn_splits=2)), MoCoModel(tiny_config())
+    assert split.state_dict().keys() == plain.state_dict().keys()
+    assert any(isinstance(m, SplitBatchNorm2d) for m in split.key_encoder.modules())
+
+
+def count_stem_calls(encoder) -> list:
+    """A list that grows by one at each call of the backbone's first convolution."""
+    calls = []
+    stem = next(m for m in encoder.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    stem.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_split_bn_encoder_runs_once_and_matches_per_chunk_reference():
+    model = MoCoModel(tiny_config(bn_splits=2)).train()
+    encoder = model.query_encoder
+    plain = plain_copy(encoder)
+    calls = count_stem_calls(encoder)
+    x = images(8, seed=1)
+
+    out = encoder(x, 2)
+    assert len(calls) == 1
+    torch.testing.assert_close(F.normalize(out, dim=1), encode(plain, x, splits=2), **TOL)
+    assert_states_close(encoder, plain)  # running statistics averaged over the 2 chunks
+    # Between calls the split BatchNorms are plain ones: `get_backbone()` in train mode uses whole-batch statistics.
+    assert all(m.num_splits == 1 for m in model.get_backbone().modules() if isinstance(m, SplitBatchNorm2d))
+
+    # splits=1 (MoCoModel's feature forward): whole-batch statistics, exactly torch's BatchNorm.
+    plain.load_state_dict(encoder.state_dict())
+    features = model(x).query_embeddings
+    assert len(calls) == 2
+    torch.testing.assert_close(features, encode(plain, x), rtol=0, atol=0)
+    assert_states_equal(snapshot(encoder), snapshot(plain))
+
+    model(x, images(8, seed=2))  # one pass of each encoder per step
+    assert len(calls) == 3
+
+    plain.load_state_dict(encoder.state_dict())  # in eval mode the kept backbone is plain BatchNorm
+    assert torch.equal(model.eval().get_backbone()(x), plain.backbone.eval()(x))
+
+
+def test_split_bn_falls_back_to_chunks_with_other_batchnorms():
+    """timm's BatchNormAct2d is not converted: the encoder then runs once per chunk, as before."""
+    model = MoCoModel(tiny_config("test_efficientnet", bn_splits=2)).train()
+    encoder = model.query_encoder
+    assert not encoder.split_bn
+    assert not any(isinstance(m, SplitBatchNorm2d) for m in encoder.modules())
+    reference = copy.deepcopy(encoder)
+    calls = count_stem_calls(encoder)
+    x = images(8, seed=1)
+    out = encoder(x, 2)
+    assert len(calls) == 2
+    torch.testing.assert_close(F.normalize(out, dim=1), torch.cat([encode(reference, c) for c in x.chunk(2)]), **TOL)
+    assert torch.isfinite(model(x, images(8, seed=2)).loss)
+
+
+def test_compiled_split_bn_encoder_matches_eager():
+    """The split count is set outside the compiled forward: one graph per count, without graph breaks."""
+    torch._dynamo.reset()
+    encoder = MoCoEncoder(tiny_config(bn_splits=2)).train()
+    eager = copy.deepcopy(encoder)
+    encoder.compile(backend="aot_eager", fullgraph=True)  # whole-encoder capture; inductor's kernels: next test
+    x = images(4, seed=1)[..., :16, :16]
+    for splits in (2, 1):  # splits=1 must not reuse the split graph
+        encoder.zero_grad()
+        eager.zero_grad()
+        loss, expected = encoder(x, splits).square().mean(), eager(x, splits).square().mean()
+        loss.backward()
+        expected.backward()
+        torch.testing.assert_close(loss, expected, **TOL)
+        for (name, p), e in zip(encoder.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, e.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+        assert_states_close(encoder, eager)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_inductor_split_batchnorm_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        SplitBatchNorm2d(8, 2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 4),
+    ).train()
+    compiled = copy.deepcopy(net)
+    compiled.compile()
+    x = images(8, seed=3)[..., :12, :12].contiguous(memory_format=torch.channels_last)
+    for model in (net, compiled):
+        model(x).square().mean().backward()
+    for (name, p), e in zip(compiled.named_parameters(), net.parameters()):
+        torch.testing.assert_close(p.grad, e.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    assert_states_close(compiled, net)
