@@ -167,6 +167,43 @@ def test_color_jitter_follows_each_samples_order():
     assert len({tuple(o.flatten().tolist()) for o in out[apply].round(decimals=4)}) == int(apply.sum())
 
 
+def test_compiled_color_jitter_follows_each_samples_order():
+    # compiled, the jitter runs its 4 steps in order with the hue fused into each (eagerly: 3 + hue + 3 slots)
+    n = 24
+    images = as_float(smooth_images(n, 12, 14))
+    params = G.ColorJitterParams(
+        torch.arange(n) % 5 != 0,
+        torch.tensor(list(itertools.permutations(range(4)))),
+        torch.tensor([[1.4, 0.6, 1.3, 0.1]]).repeat(n, 1),
+    )
+    out = torch.compile(G.color_jitter, dynamic=False, fullgraph=True)(images, params)
+    torch.testing.assert_close(out, reference_color_jitter(images, params), atol=1e-5, rtol=0)
+
+
+def test_color_jitter_without_hue():
+    n = 24
+    images = as_float(smooth_images(n, 12, 14))
+    orders = torch.tensor(list(itertools.permutations(range(4))))
+    factors = torch.tensor([[0.7, 1.3, 0.6, 0.0]]).repeat(n, 1)  # hue range 0: torchvision never rotates the hue
+    apply = torch.arange(n) % 3 != 0
+    params = G.ColorJitterParams(apply, orders, factors)
+    out = G.color_jitter(images, params, with_hue=False)
+    torch.testing.assert_close(out, reference_color_jitter(images, params), atol=1e-5, rtol=0)
+    assert torch.equal(out[~apply], images[~apply])
+
+
+def test_crop_taps_gather_uint8_and_blend_to_resized_crop():
+    images = smooth_images(len(BOXES), 40, 50)
+    boxes = torch.tensor(BOXES)
+    taps = G.crop_taps(images, boxes, 16)
+    assert taps.pixels.shape == (4, 3, len(BOXES), 16, 16) and taps.pixels.dtype == torch.uint8
+    assert taps.row_weights.shape == (2, len(BOXES), 16, 1) and taps.col_weights.shape == (2, len(BOXES), 1, 16)
+    # each output pixel's weights sum to 1 (/ 255 for uint8 pixels)
+    torch.testing.assert_close(taps.row_weights.sum(0) * 255, torch.ones(len(BOXES), 16, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(taps.col_weights.sum(0), torch.ones(len(BOXES), 1, 16), atol=1e-6, rtol=0)
+    assert torch.equal(G.blend_taps(taps), G.resized_crop(images, boxes, 16))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Samplers, in distribution
 # ---------------------------------------------------------------------------------------------------------------------
@@ -335,6 +372,33 @@ def test_two_views_are_independent_and_reproducible():
     seeded = G.MoCoGPUAugment("v2", size=32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(seeded(images), q)
     assert not torch.equal(augment(images, torch.Generator().manual_seed(1)), q)
+
+
+@pytest.mark.parametrize(
+    "preset, dtype, channels_last, device",
+    [
+        ("v1", torch.float32, False, "cpu"),
+        ("v2", torch.bfloat16, True, "cpu"),
+        pytest.param(
+            "v2", torch.bfloat16, True, "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+        ),
+    ],
+)
+def test_compiled_matches_eager_without_recompiling(preset, dtype, channels_last, device):
+    torch._dynamo.reset()
+    images = [smooth_images(1, 40, 52, seed=i)[0].to(device) for i in range(4)]
+    eager = G.MoCoGPUAugment(preset, size=32, channels_last=channels_last)  # float32, the reference
+    compiled = G.MoCoGPUAugment(preset, size=32, dtype=dtype, channels_last=channels_last, compile=True)
+    generator = torch.Generator(device).manual_seed(0)
+    for call in range(2):  # new parameters on the second call: the same graph, no recompilation
+        params = eager.sample(images, generator)
+        with torch._dynamo.config.patch(error_on_recompile=call > 0):
+            out = compiled.apply(images, params)
+        assert out.shape == (4, 3, 32, 32) and out.dtype == dtype and out.device.type == device
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        # float32 maths on both sides (fused or not: ~1e-6 apart), then one rounding to the output dtype
+        rtol = 2**-8 if dtype == torch.bfloat16 else 0.0
+        torch.testing.assert_close(out.float(), eager.apply(images, params), atol=1e-5, rtol=rtol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
