@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -31,7 +31,9 @@ from datasets.distributed import split_dataset_by_node
 
 from moco_hf import MoCoConfig, MoCoModel
 from moco_hf.data import (
+    DeviceImageCache,
     EncodedStream,
+    ImageChunk,
     EvalTransform,
     LabeledStream,
     TwoViewStream,
@@ -39,9 +41,8 @@ from moco_hf.data import (
     collate_encoded,
     collate_two_views,
     load_source,
-    split_encoded,
 )
-from moco_hf.gpu_augment import MoCoGPUAugment, decode_jpegs
+from moco_hf.gpu_augment import MoCoGPUAugment
 from moco_hf.evaluation import extract_features, knn_accuracy, record_metrics
 from moco_hf.training import (
     PretrainConfig,
@@ -125,20 +126,25 @@ def build_train_loader(cfg: PretrainConfig, accelerator, stats: dict, gpu: bool 
         transform = TwoViewTransform(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"], cfg.crop_min_scale)
         dataset = TwoViewStream(stream, source.image_column, transform, seed=cfg.seed, rank=accelerator.process_index)
         collate = collate_two_views
-    # Workers deliver chunks (a divisor of the per-process batch) that the loop joins into batches: a worker never
-    # has to fill a whole batch from its own shards, so little is dropped at the end of each worker's part.
-    loader = torch.utils.data.DataLoader(
+    loader = chunk_loader(cfg, dataset, collate, chunk_size(cfg.batch_size // accelerator.num_processes),
+                          pin_memory=accelerator.device.type == "cuda")
+    return dataset, loader, source.num_examples
+
+
+def chunk_loader(cfg: PretrainConfig, dataset, collate, chunk: int, pin_memory: bool, drop_last: bool = True):
+    """Workers deliver chunks (a divisor of the per-process batch) that the loop joins into batches: a worker never
+    has to fill a whole batch from its own shards, so little is dropped at the end of each worker's part."""
+    return torch.utils.data.DataLoader(
         dataset,
-        batch_size=chunk_size(cfg.batch_size // accelerator.num_processes),
+        batch_size=chunk,
         num_workers=cfg.num_workers,
         collate_fn=collate,
-        drop_last=True,
+        drop_last=drop_last,
         prefetch_factor=4 if cfg.num_workers > 0 else None,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=pin_memory,
         generator=torch.Generator(),  # keeps loader seeding off the global RNG (exact resume)
         persistent_workers=False,
     )
-    return dataset, loader, source.num_examples
 
 
 def build_knn_loaders(cfg: PretrainConfig, stats: dict):
@@ -229,6 +235,23 @@ class CPUViews:
         return view_q, view_k, skipped
 
 
+def make_gpu_augment(cfg: PretrainConfig, stats: dict) -> MoCoGPUAugment:
+    crop_scale = (cfg.crop_min_scale, 1.0) if cfg.crop_min_scale is not None else None
+    return MoCoGPUAugment(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"],
+                          channels_last=cfg.channels_last, crop_scale=crop_scale, compile=cfg.compile)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the device augmentation at `step`: a resumed run draws the same parameters as an uninterrupted one."""
+    return hash((seed, rank, step)) & 0x7FFF_FFFF_FFFF
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of the device cache's order in `epoch` (a hash that differs from every step seed)."""
+    digest = hashlib.blake2b(f"epoch {seed} {rank} {epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF
+
+
 class GPUViews:
     """Chunks decoded by the workers (or encoded, then decoded here with nvJPEG) and augmented as whole batches on the
     device.
@@ -238,30 +261,78 @@ class GPUViews:
     step, so a resumed run draws the same parameters as an uninterrupted one.
     """
 
-    def __init__(self, batches: BatchStream, device: torch.device, cfg: PretrainConfig, stats: dict, rank: int,
+    def __init__(self, batches: BatchStream, device: torch.device, augment: MoCoGPUAugment, seed: int, rank: int,
                  batch: int):
-        self.batches, self.device, self.batch, self.seed, self.rank = batches, device, batch, cfg.seed, rank
-        crop_scale = (cfg.crop_min_scale, 1.0) if cfg.crop_min_scale is not None else None
-        self.augment = MoCoGPUAugment(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"],
-                                      channels_last=cfg.channels_last, crop_scale=crop_scale)
+        self.batches, self.device, self.batch, self.seed, self.rank = batches, device, batch, seed, rank
+        self.augment = augment
         self.generator = torch.Generator(device=device)
-        self.carry: list[torch.Tensor] = []
+        self.carry: list[ImageChunk] = []  # images beyond the last batch (when corrupt ones made a chunk short)
 
     def next(self, step: int):
-        images, skipped = self.carry, 0
-        while len(images) < self.batch:
-            flat, shapes, unreadable = self.batches.next()
-            skipped += unreadable
-            if shapes.dim() == 2:  # decoded by the workers: one copy of the whole chunk to the device
-                images = images + split_encoded(flat.to(self.device, non_blocking=True), shapes)
-            else:
-                decoded = decode_jpegs(split_encoded(flat, shapes), device=self.device)
-                images = images + list(decoded.images)
-                skipped += decoded.num_failed
-        images, self.carry = images[: self.batch], images[self.batch:]
-        self.generator.manual_seed(hash((self.seed, self.rank, step)) & 0x7FFF_FFFF_FFFF)
-        view_q, view_k = self.augment.two_views(images, generator=self.generator)
+        chunks, skipped = self.carry, 0
+        while sum(len(c) for c in chunks) < self.batch:
+            chunk, unreadable = ImageChunk.from_chunk(self.batches.next(), self.device)
+            chunks, skipped = chunks + [chunk], skipped + unreadable
+        images, rest = ImageChunk.join(chunks).split(self.batch)
+        self.carry = [rest] if len(rest) else []
+        self.generator.manual_seed(step_seed(self.seed, self.rank, step))
+        view_q, view_k = self.augment.two_views(images.packed(), generator=self.generator)
         return view_q, view_k, skipped
+
+
+class CachedViews:
+    """Batches drawn from this process's part of the split, decoded once into device memory (`device_cache`).
+
+    Each epoch is a permutation of the cached images seeded by (seed, rank, epoch), cut into `batch`-sized batches
+    (the remainder is dropped); the augmentation is reseeded per step as in `GPUViews`. The position (epoch, batch)
+    is all a checkpoint needs, so a resumed run sees exactly the batches of an uninterrupted one.
+    """
+
+    def __init__(self, cache: DeviceImageCache, state: TrainState, augment: MoCoGPUAugment, seed: int, rank: int,
+                 batch: int):
+        if len(cache) < batch:
+            raise ValueError(f"this process has {len(cache)} readable training images, fewer than its batch of {batch}")
+        self.cache, self.state, self.augment, self.seed, self.rank, self.batch = cache, state, augment, seed, rank, batch
+        self.device = cache.images.device
+        self.generator = torch.Generator(device=self.device)
+        self.order, self.order_epoch = None, None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.cache) // self.batch
+
+    def next(self, step: int):
+        if self.state.batches_in_epoch >= self.batches_per_epoch:
+            self.state.data_epoch += 1
+            self.state.batches_in_epoch = 0
+        if self.order_epoch != self.state.data_epoch:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.rank, self.state.data_epoch))
+            self.order = torch.randperm(len(self.cache), generator=generator).to(self.device)
+            self.order_epoch = self.state.data_epoch
+        start = self.state.batches_in_epoch * self.batch
+        images = self.cache.batch(self.order[start: start + self.batch])
+        self.state.batches_in_epoch += 1
+        self.generator.manual_seed(step_seed(self.seed, self.rank, step))
+        view_q, view_k = self.augment.two_views(images, generator=self.generator)
+        return view_q, view_k, 0
+
+
+def build_device_cache(cfg: PretrainConfig, dataset, loader, device: torch.device,
+                       expected_images: int | None) -> DeviceImageCache | None:
+    """This process's part of the training split decoded into device memory, or None when `device_cache` is off or
+    (auto) the part does not fit in `device_cache_gb`."""
+    if cfg.device_cache == "off":
+        return None
+    dataset.set_epoch(0)
+    max_bytes = int(cfg.device_cache_gb * 2**30)
+    # Every image once: the workers' last, partial chunks too.
+    every_image = chunk_loader(cfg, dataset, loader.collate_fn, loader.batch_size, loader.pin_memory, drop_last=False)
+    cache = DeviceImageCache.build((ImageChunk.from_chunk(chunk, device) for chunk in every_image), max_bytes,
+                                   expected_images)
+    if cache is None and cfg.device_cache == "on":
+        raise ValueError(f"device_cache=on, but this process's part of the training split does not fit in "
+                         f"device_cache_gb={cfg.device_cache_gb:g}; raise device_cache_gb or set device_cache auto/off")
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,22 +413,37 @@ def train(cfg: PretrainConfig) -> TrainResult:
         metrics["knn_random_init"] = random_init_knn(cfg, knn_loaders, accelerator.device)
         accelerator.print(f"kNN accuracy at random init: {metrics['knn_random_init']:.2f}%")
 
+    skipped = 0  # corrupt images since the last log
     batches = BatchStream(dataset, loader, state)
     per_process = cfg.batch_size // accelerator.num_processes
-    views = (GPUViews(batches, accelerator.device, cfg, stats, accelerator.process_index, per_process) if gpu_views
-             else CPUViews(batches, accelerator.device, cfg.channels_last, per_process))
+    rank, device = accelerator.process_index, accelerator.device
+    cache = (build_device_cache(cfg, dataset, loader, device, num_examples // accelerator.num_processes)
+             if gpu_views else None)
+    if cache is not None:
+        views = CachedViews(cache, state, make_gpu_augment(cfg, stats), cfg.seed, rank, per_process)
+        if state.step == 0:
+            skipped += cache.num_skipped
+        accelerator.print(f"device cache: {len(cache)} decoded images ({cache.nbytes / 2**20:.0f} MiB) on {device}, "
+                          f"{views.batches_per_epoch} batches per epoch")
+    elif gpu_views:
+        views = GPUViews(batches, device, make_gpu_augment(cfg, stats), cfg.seed, rank, per_process)
+    else:
+        views = CPUViews(batches, device, cfg.channels_last, per_process)
     progress = None
     if accelerator.is_main_process:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=total_steps, initial=state.step, desc="pretrain", dynamic_ncols=True)
     sums = torch.zeros(2, device=accelerator.device)  # loss, contrastive accuracy since the last log
-    window_steps, window_start, skipped = 0, time.perf_counter(), 0
+    window_steps, window_start = 0, time.perf_counter()
     timed_from = None  # (step, time) after the first log window: throughput without start-up costs
     stop_at = total_steps if cfg.stop_after_steps <= 0 else min(total_steps, state.step + cfg.stop_after_steps)
     model.train()
+    data_time = 0.0  # host time waiting for (and launching) the views, since the last log
     while state.step < stop_at:
+        fetch_start = time.perf_counter()
         view_q, view_k, n_skipped = views.next(state.step)
+        data_time += time.perf_counter() - fetch_start
         skipped += n_skipped
         out = model(pixel_values=view_q, key_pixel_values=view_k)
         accelerator.backward(out.loss)
@@ -377,21 +463,28 @@ def train(cfg: PretrainConfig) -> TrainResult:
             elapsed = time.perf_counter() - window_start
             log = {"loss": reduced[0], "contrastive_acc": 100 * reduced[1],
                    "lr": scheduler.get_last_lr()[0], "images_per_s": window_steps * cfg.batch_size / elapsed,
-                   "epoch": state.step / steps_per_epoch, "skipped_images": state.skipped_images}
+                   "epoch": state.step / steps_per_epoch, "skipped_images": state.skipped_images,
+                   "data_time_fraction": data_time / elapsed}
             accelerator.log(log, step=state.step)
             history["step"].append(state.step)
             history["loss"].append(log["loss"])
             if progress is not None:
                 progress.set_postfix(loss=f"{log['loss']:.3f}", acc=f"{log['contrastive_acc']:.1f}",
-                                     lr=f"{log['lr']:.3g}", img_s=f"{log['images_per_s']:.0f}")
+                                     lr=f"{log['lr']:.3g}", img_s=f"{log['images_per_s']:.0f}",
+                                     data=f"{100 * log['data_time_fraction']:.0f}%")
             if skipped_all:
                 logger.warning("skipped %d corrupt images (%d in total)", skipped_all, state.skipped_images)
             sums.zero_()
             window_steps, window_start, skipped = 0, time.perf_counter(), 0
             if timed_from is None:
-                timed_from = (state.step, window_start)
+                timed_from, timed_data_time = (state.step, window_start), 0.0
             elif state.step > timed_from[0]:
+                timed_data_time += data_time
                 metrics["images_per_s"] = (state.step - timed_from[0]) * cfg.batch_size / (window_start - timed_from[1])
+                # Where the time went: host time in `views.next` (waiting for the DataLoader, or launching the device
+                # augmentation) as a fraction of the wall clock. Near 0: the step is the limit; near 1: the data.
+                metrics["data_time_fraction"] = timed_data_time / (window_start - timed_from[1])
+            data_time = 0.0
         if progress is not None:
             progress.update(1)
 

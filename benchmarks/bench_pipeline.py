@@ -9,6 +9,8 @@ Prints one table:
     python benchmarks/bench_pipeline.py --images 4096 --width 500 --height 375 --size 224 --preset v2 \
         --batch 256 --workers 16 --backbone resnet50 --steps 40 --mixed_precision bf16 --channels_last  # one GPU
 
+Any other `--key value` is passed to pretrain.py's config (e.g. `--bn_splits 8`).
+
 Images are smooth random colour fields with noise, 500 x 375 by default like a typical ImageNet JPEG.
 """
 
@@ -29,14 +31,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def make_jpeg_dataset(folder: str, count: int, width: int, height: int, shards: int = 4, seed: int = 0) -> str:
-    """`count` JPEGs (quality 90) with 10 labels, as parquet shards under folder/train; returns folder."""
+def make_jpeg_dataset(folder: str, count: int, width: int, height: int, shards: int = 4, seed: int = 0,
+                      unique: int | None = None) -> str:
+    """`count` JPEGs (quality 90) with 10 labels, as parquet shards under folder/train; returns folder.
+
+    With `unique`, only that many distinct JPEGs are encoded and repeated to `count` rows: decoding costs the same,
+    and encoding thousands of large JPEGs in one process takes longer than the benchmark itself.
+    """
     from datasets import ClassLabel, Dataset, Features
     from datasets import Image as ImageFeature
 
     rng = np.random.default_rng(seed)
     images, labels = [], []
-    for i in range(count):
+    for i in range(min(count, unique or count)):
         low = rng.integers(0, 256, size=(height // 25 + 2, width // 25 + 2, 3), dtype=np.uint8)
         field = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), dtype=np.int16)
         field = np.clip(field + rng.integers(-20, 21, size=field.shape), 0, 255).astype(np.uint8)
@@ -44,6 +51,8 @@ def make_jpeg_dataset(folder: str, count: int, width: int, height: int, shards: 
         Image.fromarray(field).save(buffer, format="JPEG", quality=90)
         images.append({"bytes": buffer.getvalue(), "path": None})
         labels.append(i % 10)
+    images = [images[i % len(images)] for i in range(count)]
+    labels = [i % 10 for i in range(count)]
     features = Features({"image": ImageFeature(), "label": ClassLabel(num_classes=10)})
     table = Dataset.from_dict({"image": images, "label": labels}, features=features)
     os.makedirs(os.path.join(folder, "train"), exist_ok=True)
@@ -53,7 +62,7 @@ def make_jpeg_dataset(folder: str, count: int, width: int, height: int, shards: 
 
 
 def pipeline_throughput(cfg, gpu: bool, device: torch.device, batches: int) -> float:
-    """images/s of (view_q, view_k) batches ready on `device`, after one warm-up batch."""
+    """images/s of (view_q, view_k) batches ready on `device`, after warm-up batches (and the device cache's fill)."""
     import pretrain
     from accelerate import PartialState
 
@@ -63,9 +72,14 @@ def pipeline_throughput(cfg, gpu: bool, device: torch.device, batches: int) -> f
     dataset, loader, _ = pretrain.build_train_loader(cfg, state, stats, gpu=gpu)
     position = pretrain.TrainState()
     stream = pretrain.BatchStream(dataset, loader, position)
-    views = (pretrain.GPUViews(stream, device, cfg, stats, 0, cfg.batch_size) if gpu
-             else pretrain.CPUViews(stream, device, cfg.channels_last, cfg.batch_size))
-    for step in range(max(1, cfg.num_workers)):  # every worker has started and delivered once
+    cache = pretrain.build_device_cache(cfg, dataset, loader, device, None) if gpu else None
+    if cache is not None:
+        views = pretrain.CachedViews(cache, position, pretrain.make_gpu_augment(cfg, stats), 0, 0, cfg.batch_size)
+    elif gpu:
+        views = pretrain.GPUViews(stream, device, pretrain.make_gpu_augment(cfg, stats), 0, 0, cfg.batch_size)
+    else:
+        views = pretrain.CPUViews(stream, device, cfg.channels_last, cfg.batch_size)
+    for step in range(max(2, cfg.num_workers)):  # every worker has started and delivered once; compiled
         views.next(step)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -77,15 +91,18 @@ def pipeline_throughput(cfg, gpu: bool, device: torch.device, batches: int) -> f
     return batches * cfg.batch_size / (time.perf_counter() - start)
 
 
-def end_to_end(cfg) -> float:
+def end_to_end(cfg) -> tuple[float, str]:
+    """images/s of pretrain.py after its first log window, and the share of that time spent waiting for data."""
     import pretrain
 
-    return pretrain.train(cfg).metrics["images_per_s"]
+    metrics = pretrain.train(cfg).metrics
+    return metrics["images_per_s"], f"{100 * metrics['data_time_fraction']:.0f}% of the time in data"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--unique", type=int, default=None, help="distinct JPEGs, repeated to --images rows")
     parser.add_argument("--width", type=int, default=500)
     parser.add_argument("--height", type=int, default=375)
     parser.add_argument("--size", type=int, default=64, help="crop size in pixels")
@@ -98,9 +115,12 @@ def main(argv=None) -> None:
     parser.add_argument("--mixed_precision", default="no")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--paths", default="cpu,device", help="which paths to run: cpu, device or both")
+    parser.add_argument("--paths", default="cpu,device",
+                        help="comma-separated: cpu (PIL workers), device (batches streamed to the device), "
+                             "cache (the split decoded once into device memory)")
+    parser.add_argument("--skip_pipeline", action="store_true", help="only pretrain.py end to end")
     parser.add_argument("--device_decode", default="workers", help="device path decoding: workers or nvjpeg")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # any other `--key value`: a pretrain.py config override
 
     from moco_hf.training import load_config
 
@@ -108,31 +128,38 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        data = make_jpeg_dataset(os.path.join(tmp, "data"), args.images, args.width, args.height)
-        print(f"generated {args.images} JPEGs {args.width}x{args.height} in {time.perf_counter() - t0:.1f} s")
+        data = make_jpeg_dataset(os.path.join(tmp, "data"), args.images, args.width, args.height, unique=args.unique)
+        print(f"generated {args.images} JPEGs {args.width}x{args.height} ({args.unique or args.images} distinct) in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
         for path in args.paths.split(","):
-            gpu = path == "device"
+            if path not in ("cpu", "device", "cache"):
+                parser.error(f"--paths: {path!r} is not one of cpu, device, cache")
+            gpu = path != "cpu"
             common = ["--train_dir", data, "--image_size", str(args.size), "--augmentation", args.preset,
                       "--batch_size", str(args.batch), "--num_workers", str(args.workers), "--backbone", args.backbone,
                       "--crop_min_scale", "none", "--eval_split", "none", "--report_to", "none", "--save_steps", "0",
                       "--gpu_augment", "on" if gpu else "off", "--mixed_precision", args.mixed_precision,
-                      "--device_decode", args.device_decode,
+                      "--device_decode", args.device_decode, "--device_cache", "on" if path == "cache" else "off",
                       "--channels_last", str(args.channels_last), "--compile", str(args.compile),
                       "--queue_size", str(max(4096, 2 * args.batch)), "--shuffle_buffer", "256",
                       "--output_dir", os.path.join(tmp, f"run-{path}"), "--log_steps", str(max(1, args.steps // 4))]
-            cfg = load_config(None, common + ["--max_steps", str(args.steps)])
-            label = f"{path} path" + (f" ({args.device_decode} decode)" if gpu else " (PIL workers)")
-            rows.append((f"data pipeline, {label}", pipeline_throughput(cfg, gpu, device, args.batches)))
-            rows.append((f"pretrain.py end to end, {label}", end_to_end(cfg)))
+            cfg = load_config(None, common + overrides + ["--max_steps", str(args.steps)])
+            label = {"cpu": "CPU path (PIL workers)", "device": f"device path ({args.device_decode} decode)",
+                     "cache": "device cache"}[path]
+            if not args.skip_pipeline:
+                rows.append((f"data pipeline, {label}", pipeline_throughput(cfg, gpu, device, args.batches), ""))
+                print(rows[-1], flush=True)
+            rows.append((f"pretrain.py end to end, {label}", *end_to_end(cfg)))
+            print(rows[-1], flush=True)
 
     print()
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}),"
           f" torch {torch.__version__}, backbone {args.backbone}, {args.size} px {args.preset}, batch {args.batch},"
-          f" {args.workers} workers, mixed precision {args.mixed_precision}")
-    print(f"| {'what':<56} | {'images/s':>10} |")
-    print(f"|{'-' * 58}|{'-' * 12}|")
-    for name, value in rows:
-        print(f"| {name:<56} | {value:>10.1f} |")
+          f" {args.workers} workers, mixed precision {args.mixed_precision}, compile {args.compile}")
+    print(f"| {'what':<56} | {'images/s':>10} | {'note':<28} |")
+    print(f"|{'-' * 58}|{'-' * 12}|{'-' * 30}|")
+    for name, value, note in rows:
+        print(f"| {name:<56} | {value:>10.1f} | {note:<28} |")
 
 
 if __name__ == "__main__":

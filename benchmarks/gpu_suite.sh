@@ -1,44 +1,70 @@
 #!/usr/bin/env bash
-# Every GPU measurement of BENCHMARKS.md in one call (about 6 minutes on one H100), for a lent GPU machine.
+# The GPU measurements of BENCHMARKS.md, for a lent GPU machine, in one call:
+#   bash benchmarks/gpu_suite.sh [step] [augment] [r50] [cifar]      (default: all four, about 10 minutes on an H100)
 # Its Python has torch, timm, transformers and accelerate but not `datasets`: carry wheels in .whl/ first, here:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0 timm==1.0.31 huggingface-hub==2.4.0 \
 #     httpx2==2.16.2 httpcore2==2.16.2 truststore accelerate==1.15.0
-# then run it with carry [".whl"]:  bash benchmarks/gpu_suite.sh
-# Full logs land in $OUT (or ./bench-out); the tables are printed.
+# then run it with carry [".whl"]. Full logs land in $OUT (or ./bench-out); the tables are printed.
+# SMOKE=1 runs every section at toy sizes (CPU, a few minutes) to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}; mkdir -p "$out"
-if [ -d .whl ]; then
+sections=${*:-step augment r50 cifar}
+if [ -d .whl ] && [ -z "${SMOKE:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/env.txt"
-python3 -c "import torch, torchvision, timm, transformers, datasets, accelerate as a
+py=${PYTHON:-python3}
+workers=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/env.txt"
+$py -c "import torch, torchvision, timm, transformers, datasets, accelerate as a
 print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__,
       'transformers', transformers.__version__, 'datasets', datasets.__version__, 'accelerate', a.__version__)" \
   | tee -a "$out/env.txt"
-table() { grep -E '^(\||device|first|ratio|implementation|moco_hf|official)' "$1"; }
-
-# 1. Model step, ResNet-50 224 px, batch 256, K 65536: official-style fp32 baseline vs moco_hf bf16 + channels_last.
-timeout 120 python3 benchmarks/bench_model_step.py --backbone resnet50 --batch 256 --image-size 224 \
-  --queue-size 65536 --amp --channels-last --baseline-fp32 --steps 3 --repeats 6 > "$out/step_r50.txt" 2>&1
-table "$out/step_r50.txt"
-# 2. The same with torch.compile of moco_hf's encoders.
-timeout 180 python3 benchmarks/bench_model_step.py --backbone resnet50 --batch 256 --image-size 224 \
-  --queue-size 65536 --amp --channels-last --compile --baseline-fp32 --steps 3 --repeats 6 > "$out/step_r50_compile.txt" 2>&1
-table "$out/step_r50_compile.txt"
-# 3. Data pipeline alone and pretrain.py end to end from JPEG bytes (v2, 224 px, ResNet-50, bf16, channels_last):
-#    PIL on 14 CPU workers vs nvJPEG + batched GPU augmentation.
-timeout 180 python3 benchmarks/bench_pipeline.py --images 2048 --size 224 --preset v2 --batch 256 --workers 14 \
-  --backbone resnet50 --steps 16 --batches 6 --mixed_precision bf16 --channels_last > "$out/pipeline_r50.txt" 2>&1
-table "$out/pipeline_r50.txt"
-# 4. CIFAR ResNet-18 (3x3 stem) 32 px end to end, batched GPU path.
-timeout 90 python3 benchmarks/bench_pipeline.py --images 8192 --width 32 --height 32 --size 32 --preset cifar \
-  --batch 512 --workers 8 --backbone cifar_resnet18 --steps 32 --batches 8 --mixed_precision bf16 --channels_last \
-  --paths device > "$out/pipeline_cifar.txt" 2>&1
-table "$out/pipeline_cifar.txt"
+table() { grep -E '^(\||device|first|ratio|implementation|moco_hf|official|compile)' "$1"; }
+run() {  # name, timeout in seconds, command...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "== $name: exit $?, $((SECONDS - start)) s"
+  table "$out/$name.txt"
+}
+if [ -n "${SMOKE:-}" ]; then  # toy sizes
+  r50=(--images 64 --unique 8 --width 80 --height 60 --size 32 --batch 16 --backbone test_resnet --steps 8 --batches 2)
+  cifar=(--images 256 --unique 32 --width 32 --height 32 --size 32 --batch 32 --backbone test_resnet --steps 8
+         --batches 4 --bn_splits 8)
+  step=(--backbone test_resnet --batch 16 --image-size 32 --queue-size 64 --steps 1 --repeats 2)
+  augment=(--batch 8 --size 32 --iters 2 --height 48 --width 64)
+  big=60; workers=1
+else
+  # ResNet-50, v2, 224 px, batch 256, K 65,536: one epoch of 16,384 rows (512 distinct 500x375 JPEGs), 48 steps.
+  r50=(--images 16384 --unique 512 --size 224 --batch 256 --backbone resnet50 --steps 48 --batches 12
+       --queue_size 65536)
+  # CIFAR ResNet-18 (3x3 stem), 32 px, batch 512, K 4096, split BN over 8 chunks: 50,000 images, 160 steps.
+  cifar=(--images 50000 --unique 2048 --width 32 --height 32 --size 32 --batch 512 --backbone cifar_resnet18
+         --steps 160 --batches 40 --bn_splits 8)
+  step=(--backbone resnet50 --batch 256 --image-size 224 --queue-size 65536 --steps 3 --repeats 6)
+  augment=()
+  big=300
+fi
+for section in $sections; do
+  case $section in
+    step)  # model step: official-style fp32 baseline vs moco_hf bf16 + channels_last + torch.compile
+      run step_r50_compile $big $py benchmarks/bench_model_step.py "${step[@]}" --amp --channels-last --compile \
+        --baseline-fp32 ;;
+    augment)  # the batched v2 augmentation alone, eager vs compiled, 256 images of 500 x 375
+      run augment_v2 $big $py benchmarks/bench_augment.py "${augment[@]}" ;;
+    r50)  # pretrain.py end to end from JPEG bytes: workers decode, the device augments, compiled encoders
+      run e2e_r50_compile $big $py benchmarks/bench_pipeline.py "${r50[@]}" --preset v2 --workers $workers \
+        --mixed_precision bf16 --channels_last --compile --paths device ;;
+    cifar)  # CIFAR: the split decoded once into device memory, then augmented and trained from there
+      run e2e_cifar_cache_compile $big $py benchmarks/bench_pipeline.py "${cifar[@]}" --preset cifar \
+        --workers $workers --mixed_precision bf16 --channels_last --compile --paths cache ;;
+    *) echo "unknown section $section (step, augment, r50, cifar)"; exit 2 ;;
+  esac
+done

@@ -40,8 +40,8 @@ def main() -> None:
         model = pretrain.build_model(cfg)
         stats = pretrain.data_stats(model)
         dataset, loader, _ = pretrain.build_train_loader(cfg, PartialState(), stats, gpu=True)
-        views = pretrain.GPUViews(pretrain.BatchStream(dataset, loader, pretrain.TrainState()), device, cfg, stats,
-                                  0, args.batch)
+        views = pretrain.GPUViews(pretrain.BatchStream(dataset, loader, pretrain.TrainState()), device,
+                                  pretrain.make_gpu_augment(cfg, stats), 0, 0, args.batch)
         for step in range(max(3, args.workers)):
             views.next(step)
         activities = [torch.profiler.ProfilerActivity.CPU]

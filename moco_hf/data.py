@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageFile, ImageFilter
@@ -463,19 +464,32 @@ class EncodedStream(torch.utils.data.IterableDataset):
             skipped = 0
 
 
+def _shared_flat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat of 1-D tensors; in a DataLoader worker straight into shared memory (as torch's default collate
+    does), which saves the copy the worker would otherwise make when sending the chunk."""
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        numel = sum(part.numel() for part in parts)
+        out = parts[0].new(parts[0].untyped_storage()._new_shared(numel * parts[0].element_size())).resize_(numel)
+    return torch.cat(parts, out=out)
+
+
 def collate_encoded(samples):
     """(image tensor, skipped) samples into (one flat uint8 tensor, shapes, skipped in this chunk).
 
-    Encoded bytes give shapes N (lengths); decoded images give shapes N x 3 (C, H, W). Two tensors per chunk instead
-    of one per image: every tensor leaving a worker costs a shared-memory file and every pinned one a page-locked
-    allocation, which dominated the batched path when done per image.
+    Encoded bytes give shapes N (lengths). Decoded 3 x H x W images give shapes N x 2 (H, W) and their pixels in
+    H x W x 3 order, one image after the other: the order the JPEG decoder writes (torchvision's 3 x H x W result is
+    a view of it), so nothing is transposed here, and the device turns a whole batch into channel planes at once
+    (`ImageChunk`). Two tensors per chunk instead of one per image: every tensor leaving a worker costs a
+    shared-memory file and every pinned one a page-locked allocation, which dominated the batched path when done
+    per image.
     """
     data, skipped = zip(*samples)
     if data[0].dim() == 1:
         shapes = torch.tensor([d.numel() for d in data], dtype=torch.long)
-    else:
-        shapes = torch.tensor([list(d.shape) for d in data], dtype=torch.long)
-    return torch.cat([d.reshape(-1) for d in data]), shapes, sum(skipped)
+        return _shared_flat(list(data)), shapes, sum(skipped)
+    shapes = torch.tensor([list(d.shape[1:]) for d in data], dtype=torch.long)  # N x 2
+    return _shared_flat([d.permute(1, 2, 0).reshape(-1) for d in data]), shapes, sum(skipped)
 
 
 def split_encoded(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
@@ -483,8 +497,107 @@ def split_encoded(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor
     if shapes.dim() == 1:
         return list(torch.split(flat, shapes.tolist()))
     sizes = shapes.tolist()
-    parts = torch.split(flat, [c * h * w for c, h, w in sizes])
-    return [part.view(c, h, w) for part, (c, h, w) in zip(parts, sizes)]
+    parts = torch.split(flat, [h * w * 3 for h, w in sizes])
+    return [part.view(h, w, 3).permute(2, 0, 1) for part, (h, w) in zip(parts, sizes)]
+
+
+class ImageChunk(NamedTuple):
+    """Decoded images of any sizes on the device, pixel after pixel: image n is `pixels[starts[n]:][:H_n * W_n]`."""
+
+    pixels: torch.Tensor  # P x 3 uint8 (RGB per pixel), on the device
+    sizes: torch.Tensor  # N x 2 int64 (H, W), on the CPU
+
+    def __len__(self) -> int:
+        return self.sizes.shape[0]
+
+    @classmethod
+    def from_chunk(cls, chunk, device) -> tuple[ImageChunk, int]:
+        """(images, skipped) of one `collate_encoded` chunk: decoded by the workers (one copy of the whole chunk to
+        the device), or encoded bytes decoded here (nvJPEG on CUDA, see `gpu_augment.decode_jpegs`)."""
+        from .gpu_augment import decode_jpegs
+
+        flat, shapes, skipped = chunk
+        if shapes.dim() == 2:
+            return cls(flat.to(device, non_blocking=True).view(-1, 3), shapes), skipped
+        decoded = decode_jpegs(split_encoded(flat, shapes), device=device)
+        skipped += decoded.num_failed
+        if not decoded.images:
+            return cls(torch.empty(0, 3, dtype=torch.uint8, device=device), torch.empty(0, 2, dtype=torch.long)), skipped
+        pixels = torch.cat([image.permute(1, 2, 0).reshape(-1, 3) for image in decoded.images])
+        return cls(pixels, torch.tensor([list(image.shape[1:]) for image in decoded.images])), skipped
+
+    @staticmethod
+    def join(chunks: list[ImageChunk]) -> ImageChunk:
+        if len(chunks) == 1:
+            return chunks[0]
+        return ImageChunk(torch.cat([c.pixels for c in chunks]), torch.cat([c.sizes for c in chunks]))
+
+    def split(self, count: int) -> tuple[ImageChunk, ImageChunk]:
+        """(the first `count` images, the rest)."""
+        cut = int((self.sizes[:count, 0] * self.sizes[:count, 1]).sum())
+        return (ImageChunk(self.pixels[:cut], self.sizes[:count]),
+                ImageChunk(self.pixels[cut:], self.sizes[count:]))
+
+    def packed(self):
+        """The images as `gpu_augment.PackedImages` (channel planes, one transpose of the whole chunk)."""
+        from .gpu_augment import PackedImages
+
+        device = self.pixels.device
+        areas = self.sizes[:, 0] * self.sizes[:, 1]
+        meta = torch.stack([torch.cumsum(areas, 0) - areas, self.sizes[:, 0], self.sizes[:, 1]])  # 3 x N
+        if device.type == "cuda":  # a pinned, non-blocking copy does not wait for the GPU's queued work
+            meta = meta.pin_memory().to(device, non_blocking=True)
+        else:
+            meta = meta.to(device)
+        offsets, heights, widths = meta.unbind(0)
+        return PackedImages(self.pixels.t().contiguous(), offsets, heights, widths)
+
+
+class DeviceImageCache:
+    """A whole split decoded once into device memory, as one `PackedImages` (any image sizes), for training that
+    augments whole batches on the device: small datasets (CIFAR-10: 50,000 x 3 x 32 x 32 = 150 MB) then cost no
+    decoding, no host-to-device copy and no DataLoader after the first pass.
+
+    `batch(indices)` is a zero-copy view of those images (their offsets and sizes), ready for
+    `MoCoGPUAugment.two_views`.
+    """
+
+    def __init__(self, images, num_skipped: int):
+        self.images, self.num_skipped = images, num_skipped  # PackedImages; unreadable images left out
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.pixels.numel() * self.images.pixels.element_size()
+
+    def batch(self, indices: torch.Tensor):
+        from .gpu_augment import PackedImages
+
+        images = self.images
+        return PackedImages(images.pixels, images.offsets[indices], images.heights[indices], images.widths[indices])
+
+    @classmethod
+    def build(cls, chunks, max_bytes: int, expected_images: int | None = None) -> DeviceImageCache | None:
+        """Join (ImageChunk, skipped) pairs into one cache in the chunks' device memory.
+
+        Returns None as soon as the split is known not to fit in `max_bytes`: when the images so far exceed it, or
+        when their mean size times `expected_images` does.
+        """
+        parts, skipped, total, count = [], 0, 0, 0
+        for chunk, unreadable in chunks:
+            skipped += unreadable
+            if not len(chunk):
+                continue
+            parts.append(chunk)
+            total += chunk.pixels.numel()
+            count += len(chunk)
+            if total > max_bytes or (expected_images and total / count * expected_images > 1.05 * max_bytes):
+                return None
+        if not parts:
+            raise ValueError("the training split yields no images: it is empty or every image is unreadable")
+        return cls(ImageChunk.join(parts).packed(), skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------

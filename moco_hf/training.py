@@ -35,7 +35,7 @@ class PretrainConfig:
     log_steps: int = 10
     report_to: str = "tensorboard"  # tensorboard, wandb, all, none
     mixed_precision: str = "no"  # no, fp16, bf16
-    compile: bool = False  # torch.compile both encoders
+    compile: bool = False  # torch.compile both encoders (and the device augmentation)
     channels_last: bool = False
 
     # data
@@ -55,6 +55,8 @@ class PretrainConfig:
     crop_min_scale: float | None = 0.4  # RandomResizedCrop lower scale bound (None: the preset's)
     gpu_augment: str = "auto"  # auto (GPU when training on CUDA), on, off
     device_decode: str = "workers"  # with gpu_augment: JPEGs decoded by DataLoader workers (libjpeg-turbo) or nvjpeg
+    device_cache: str = "auto"  # with gpu_augment: decode the split once into device memory (auto: when it fits)
+    device_cache_gb: float = 4.0  # the most device memory the cache may take, per process
 
     # model (MoCoConfig)
     backbone: str = "test_resnet"
@@ -96,6 +98,7 @@ class PretrainConfig:
             "augmentation": ("v1", "v2", "cifar"),
             "gpu_augment": ("auto", "on", "off"),
             "device_decode": ("workers", "nvjpeg"),
+            "device_cache": ("auto", "on", "off"),
             "report_to": ("tensorboard", "wandb", "all", "none"),
         }
         for name, allowed in choices.items():
@@ -107,6 +110,8 @@ class PretrainConfig:
         for name in ("num_workers", "save_steps", "knn_every_epochs", "warmup_epochs", "shuffle_buffer"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.device_cache_gb > 0:
+            raise ValueError(f"device_cache_gb must be > 0, got {self.device_cache_gb}")
         if self.num_train_examples is not None and self.num_train_examples < 1:
             raise ValueError(f"num_train_examples must be >= 1, got {self.num_train_examples}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
@@ -287,7 +292,7 @@ class TrainState:
 
     step: int = 0
     data_epoch: int = 0  # epoch of this process's data stream
-    batches_in_epoch: int = 0  # loader chunks already taken from it
+    batches_in_epoch: int = 0  # loader chunks (device cache: batches) already taken from it
     skipped_images: int = 0  # corrupt images skipped so far (all processes)
     positions: list = field(default_factory=list)  # (data_epoch, batches_in_epoch) of every process, at save time
 

@@ -223,13 +223,129 @@ def test_batched_device_path_on_cpu(tmp_path, decode):
     (root / "train" / "class1" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     from moco_hf.data import collate_encoded, split_encoded
 
-    images = [torch.randint(0, 255, (3, h, w), dtype=torch.uint8) for h, w in ((5, 7), (9, 4))]
-    flat, shapes, skipped = collate_encoded([(images[0], 0), (images[1], 2)])
+    images = [torch.randint(0, 255, (3, h, w), dtype=torch.uint8) for h, w in ((5, 7), (9, 4), (1, 3))]
+    flat, shapes, skipped = collate_encoded([(images[0], 0), (images[1], 2), (images[2], 0)])
     assert skipped == 2 and all(torch.equal(a, b) for a, b in zip(images, split_encoded(flat, shapes)))
+    from moco_hf.data import ImageChunk
+
+    chunk, n_skipped = ImageChunk.from_chunk((flat, shapes, skipped), torch.device("cpu"))
+    first, rest = chunk.split(2)
+    assert n_skipped == 2 and len(first) == 2 and len(rest) == 1
+    packed = ImageChunk.join([rest, first]).packed()  # channel planes: pixel (c, y, x) at offset + y * W + x
+    for n, image in enumerate([images[2], images[0], images[1]]):
+        h, w = image.shape[1:]
+        assert (int(packed.heights[n]), int(packed.widths[n])) == (h, w)
+        start = int(packed.offsets[n])
+        assert torch.equal(packed.pixels[:, start: start + h * w].reshape(3, h, w), image)
 
     cfg = tiny_config(tmp_path, "--train_dir", str(root), "--max_steps", "8", "--batch_size", "8",
                       "--queue_size", "32", "--eval_split", "none", "--gpu_augment", "on",
-                      "--device_decode", decode, "--num_workers", "1")
+                      "--device_decode", decode, "--num_workers", "1", "--device_cache", "off")
     result = pretrain.train(cfg)
     assert result.state.step == 8 and result.metrics["skipped_images"] >= 1
     assert torch.isfinite(result.model.queue).all()
+
+
+class _PassThrough:
+    """Stands in for MoCoGPUAugment: returns which cached images a batch holds (their offsets)."""
+
+    def two_views(self, images, generator=None):
+        return images.offsets, images.offsets
+
+
+def _chunk(images):
+    from moco_hf.data import ImageChunk, collate_encoded
+
+    return ImageChunk.from_chunk(collate_encoded([(image, 0) for image in images]), torch.device("cpu"))[0]
+
+
+def _tiny_cache(count=10):
+    from moco_hf.data import DeviceImageCache
+
+    images = [torch.randint(0, 255, (3, 2 + i % 3, 3), dtype=torch.uint8) for i in range(count)]
+    chunks = [(_chunk(images[:4]), 1), (_chunk(images[4:]), 0)]
+    return DeviceImageCache.build(chunks, max_bytes=10_000), images
+
+
+def test_device_cache_packs_every_image_and_batches_are_views():
+    cache, images = _tiny_cache()
+    assert len(cache) == 10 and cache.num_skipped == 1
+    batch = cache.batch(torch.tensor([7, 2]))
+    for n, i in enumerate((7, 2)):
+        h, w = int(batch.heights[n]), int(batch.widths[n])
+        start = int(batch.offsets[n])
+        pixels = batch.pixels[:, start: start + h * w].reshape(3, h, w)
+        assert torch.equal(pixels, images[i])
+    assert batch.pixels.data_ptr() == cache.images.pixels.data_ptr()  # no copy
+    from moco_hf.data import DeviceImageCache
+
+    too_small = DeviceImageCache.build([(_chunk(images), 0)], max_bytes=100)
+    assert too_small is None
+    # the mean image size times the expected count already exceeds the budget after the first chunk
+    assert DeviceImageCache.build(iter([(_chunk(images[:2]), 0)] * 1000), 2_000, 1000) is None
+
+
+def test_cached_views_epochs_are_permutations_and_resume_exactly():
+    from moco_hf.training import TrainState
+
+    cache, _ = _tiny_cache()
+    offsets = cache.images.offsets.tolist()
+    state = TrainState()
+    views = pretrain.CachedViews(cache, state, _PassThrough(), seed=0, rank=0, batch=3)
+    assert views.batches_per_epoch == 3
+    seen = [views.next(step)[0].tolist() for step in range(9)]  # 3 epochs
+    epochs = [[i for batch in seen[e * 3:(e + 1) * 3] for i in batch] for e in range(3)]
+    for epoch in epochs:  # each epoch: 9 distinct cached images (one dropped), in a fresh order
+        assert len(set(epoch)) == 9 and set(epoch) <= set(offsets)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert (state.data_epoch, state.batches_in_epoch) == (2, 3)
+
+    resumed_state = TrainState(step=4, data_epoch=1, batches_in_epoch=1)  # after 4 batches
+    resumed = pretrain.CachedViews(cache, resumed_state, _PassThrough(), seed=0, rank=0, batch=3)
+    assert [resumed.next(step)[0].tolist() for step in range(4, 9)] == seen[4:]
+    other_rank = pretrain.CachedViews(cache, TrainState(), _PassThrough(), seed=0, rank=1, batch=3)
+    assert [other_rank.next(step)[0].tolist() for step in range(3)] != seen[:3]
+
+
+def test_device_cache_training_resumes_exactly_and_counts_corrupt_images(tmp_path):
+    """gpu_augment on with the split cached in (here CPU) memory: 6 straight steps == 3 + resume + 3."""
+    root = make_image_folder(tmp_path / "data", per_class=8)
+    (root / "train" / "class1" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    common = ["--train_dir", str(root), "--max_steps", "6", "--batch_size", "8", "--queue_size", "32",
+              "--eval_split", "none", "--gpu_augment", "on", "--device_cache", "on", "--num_workers", "1",
+              "--bn_splits", "2"]
+    straight = pretrain.train(tiny_config(tmp_path / "a", *common))
+    assert straight.metrics["skipped_images"] == 1
+    assert (straight.state.data_epoch, straight.state.batches_in_epoch) == (1, 3)  # 24 images: 3 batches/epoch
+
+    pretrain.train(tiny_config(tmp_path / "b", *common, "--stop_after_steps", "3"))
+    resumed = pretrain.train(tiny_config(tmp_path / "b", *common, "--resume_from_checkpoint", "auto"))
+    assert resumed.metrics["skipped_images"] == 1  # not counted again on resume
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_device_cache_that_does_not_fit(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=4)
+    common = ["--train_dir", str(root), "--max_steps", "2", "--batch_size", "4", "--queue_size", "32",
+              "--eval_split", "none", "--gpu_augment", "on", "--num_workers", "0", "--device_cache_gb", "1e-6"]
+    with pytest.raises(ValueError, match="does not fit in device_cache_gb"):
+        pretrain.train(tiny_config(tmp_path / "a", *common, "--device_cache", "on"))
+    result = pretrain.train(tiny_config(tmp_path / "b", *common))  # auto: streams instead
+    assert result.state.step == 2
+
+
+def test_device_cache_keeps_the_workers_partial_chunks(tmp_path):
+    """Training drops each worker's last partial chunk; the cache must still hold every readable image."""
+    from accelerate import PartialState
+
+    root = make_image_folder(tmp_path / "data", per_class=6)  # 18 train images over 2 workers: 9 each, chunks of 4
+    cfg = tiny_config(tmp_path, "--train_dir", str(root), "--batch_size", "4", "--num_workers", "2",
+                      "--gpu_augment", "on", "--device_cache", "on", "--eval_split", "none")
+    model = pretrain.build_model(cfg)
+    dataset, loader, num_examples = pretrain.build_train_loader(cfg, PartialState(), pretrain.data_stats(model),
+                                                                gpu=True)
+    assert num_examples == 18 and sum(len(chunk[1]) for chunk in loader) < 18  # the training loader drops some
+    cache = pretrain.build_device_cache(cfg, dataset, loader, torch.device("cpu"), num_examples)
+    assert len(cache) == 18 and cache.num_skipped == 0
