@@ -120,7 +120,8 @@ def build_train_loader(cfg: PretrainConfig, accelerator, stats: dict, gpu: bool 
     # Split the stream here and never again: the loader below is not passed through accelerator.prepare.
     stream = split_dataset_by_node(stream, rank=accelerator.process_index, world_size=accelerator.num_processes)
     if gpu:
-        dataset = EncodedStream(stream, source.image_column, decode=cfg.device_decode == "workers")
+        dataset = EncodedStream(stream, source.image_column, decode=cfg.device_decode == "workers",
+                                unshuffled=source.dataset)
         collate = collate_encoded
     else:
         transform = TwoViewTransform(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"], cfg.crop_min_scale)
@@ -323,12 +324,17 @@ def build_device_cache(cfg: PretrainConfig, dataset, loader, device: torch.devic
     (auto) the part does not fit in `device_cache_gb`."""
     if cfg.device_cache == "off":
         return None
-    dataset.set_epoch(0)
     max_bytes = int(cfg.device_cache_gb * 2**30)
-    # Every image once: the workers' last, partial chunks too.
-    every_image = chunk_loader(cfg, dataset, loader.collate_fn, loader.batch_size, loader.pin_memory, drop_last=False)
-    cache = DeviceImageCache.build((ImageChunk.from_chunk(chunk, device) for chunk in every_image), max_bytes,
-                                   expected_images)
+    # One image says whether the split can fit, before any DataLoader worker fills its shuffle buffer.
+    sample = dataset.first_image_nbytes()
+    if sample is None or expected_images is None or sample * expected_images <= 1.05 * max_bytes:
+        dataset.set_epoch(0)
+        every_image = chunk_loader(cfg, dataset, loader.collate_fn, loader.batch_size, loader.pin_memory,
+                                   drop_last=False)  # every image once: the workers' last, partial chunks too
+        cache = DeviceImageCache.build((ImageChunk.from_chunk(chunk, device) for chunk in every_image), max_bytes,
+                                       expected_images)
+    else:
+        cache = None
     if cache is None and cfg.device_cache == "on":
         raise ValueError(f"device_cache=on, but this process's part of the training split does not fit in "
                          f"device_cache_gb={cfg.device_cache_gb:g}; raise device_cache_gb or set device_cache auto/off")

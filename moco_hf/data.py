@@ -440,12 +440,26 @@ class EncodedStream(torch.utils.data.IterableDataset):
     Unreadable or undecodable images are skipped and counted.
     """
 
-    def __init__(self, hf_dataset, image_column: str, decode: bool = False):
+    def __init__(self, hf_dataset, image_column: str, decode: bool = False, unshuffled=None):
         super().__init__()
         self.hf_dataset, self.image_column, self.decode = hf_dataset, image_column, decode
+        self.unshuffled = unshuffled  # the same split before its shuffle buffer, to look at one image cheaply
 
     def set_epoch(self, epoch: int) -> None:
         self.hf_dataset.set_epoch(epoch)
+
+    def first_image_nbytes(self, tries: int = 8) -> int | None:
+        """Decoded size (3 x H x W bytes) of the first readable image among the split's first `tries`, or None."""
+        from .gpu_augment import decode_jpegs
+
+        for i, example in enumerate(self.unshuffled if self.unshuffled is not None else ()):
+            data = read_bytes(example[self.image_column])
+            decoded = decode_jpegs([data], device="cpu").images if data else []
+            if decoded:
+                return decoded[0].numel()
+            if i + 1 >= tries:
+                break
+        return None
 
     def __iter__(self):
         from .gpu_augment import decode_jpegs

@@ -336,6 +336,23 @@ def test_device_cache_that_does_not_fit(tmp_path):
     assert result.state.step == 2
 
 
+def test_device_cache_gives_up_before_starting_workers(tmp_path, monkeypatch):
+    """One decoded image times the split's size already exceeds the budget: no loader pass is made."""
+    from accelerate import PartialState
+
+    root = make_image_folder(tmp_path / "data", per_class=4)
+    cfg = tiny_config(tmp_path, "--train_dir", str(root), "--batch_size", "4", "--gpu_augment", "on",
+                      "--device_cache_gb", "1e-5", "--eval_split", "none")
+    model = pretrain.build_model(cfg)
+    dataset, loader, n = pretrain.build_train_loader(cfg, PartialState(), pretrain.data_stats(model), gpu=True)
+    assert dataset.first_image_nbytes() == 3 * 24 * 24
+    monkeypatch.setattr(pretrain, "chunk_loader", lambda *a, **k: pytest.fail("the split was read"))
+    assert pretrain.build_device_cache(cfg, dataset, loader, torch.device("cpu"), n) is None
+    with pytest.raises(ValueError, match="does not fit"):
+        pretrain.build_device_cache(load_config(None, TINY + ["--device_cache", "on", "--device_cache_gb", "1e-5"]),
+                                    dataset, loader, torch.device("cpu"), n)
+
+
 def test_device_cache_keeps_the_workers_partial_chunks(tmp_path):
     """Training drops each worker's last partial chunk; the cache must still hold every readable image."""
     from accelerate import PartialState
