@@ -362,6 +362,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {accelerator.num_processes} processes")
     set_seed(cfg.seed)
+    # Every step has the same input shapes, so cuDNN may time its convolution algorithms once and keep the fastest,
+    # as the official MoCo code does (at the price of bit-reproducibility on the GPU; CPU runs are unaffected).
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))

@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline-fp32", action="store_true",
                    help="run the official-style baseline as published (fp32, contiguous, eager) while moco_hf uses "
                         "--amp/--channels-last/--compile: the speed-up the project gives over the published code")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark for both implementations (the official code sets it; "
+                        "pretrain.py too, `cudnn_benchmark: true`)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     args = p.parse_args(argv)
     if args.queue_size % args.batch:
@@ -99,6 +102,7 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     config = MoCoConfig(

@@ -37,6 +37,7 @@ class PretrainConfig:
     mixed_precision: str = "no"  # no, fp16, bf16
     compile: bool = False  # torch.compile both encoders (and the device augmentation)
     channels_last: bool = False
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution algorithms (fixed shapes), as the official code
 
     # data
     dataset_name: str | None = None  # Hub dataset, e.g. "ILSVRC/imagenet-1k"
