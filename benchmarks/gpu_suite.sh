@@ -40,7 +40,7 @@ if [ -n "${SMOKE:-}" ]; then  # toy sizes
          --batches 4 --bn_splits 8)
   step=(--backbone test_resnet --batch 16 --image-size 32 --queue-size 64 --steps 1 --repeats 2)
   augment=(--batch 8 --size 32 --iters 2 --height 48 --width 64)
-  big=60; workers=1
+  big=600; workers=1
 else
   # ResNet-50, v2, 224 px, batch 256, K 65,536: one epoch of 16,384 rows (512 distinct 500x375 JPEGs), 48 steps.
   r50=(--images 16384 --unique 512 --size 224 --batch 256 --backbone resnet50 --steps 48 --batches 12
