@@ -293,7 +293,8 @@ class CachedViews:
                  batch: int):
         if len(cache) < batch:
             raise ValueError(f"this process has {len(cache)} readable training images, fewer than its batch of {batch}")
-        self.cache, self.state, self.augment, self.seed, self.rank, self.batch = cache, state, augment, seed, rank, batch
+        self.cache, self.state, self.augment, self.batch = cache, state, augment, batch
+        self.seed, self.rank = seed, rank
         self.device = cache.images.device
         self.generator = torch.Generator(device=self.device)
         self.order, self.order_epoch = None, None
@@ -339,6 +340,45 @@ def build_device_cache(cfg: PretrainConfig, dataset, loader, device: torch.devic
         raise ValueError(f"device_cache=on, but this process's part of the training split does not fit in "
                          f"device_cache_gb={cfg.device_cache_gb:g}; raise device_cache_gb or set device_cache auto/off")
     return cache
+
+
+class StepProfiler:
+    """`profile_steps` > 0: torch.profiler over that many steps after the first log window (compilation and
+    warm-up done), on the main process. Writes output_dir/profile/: the ops by device time and by host time
+    (`ops_by_device_time.txt`, `ops_by_host_time.txt`) and a Chrome trace (`trace.json`, for Perfetto)."""
+
+    def __init__(self, cfg: PretrainConfig, step: int, accelerator):
+        self.first = step + cfg.log_steps
+        self.last = self.first + cfg.profile_steps
+        self.folder = os.path.join(cfg.output_dir, "profile")
+        self.enabled = accelerator.is_main_process
+        self.device_type = accelerator.device.type
+        self.profile = None
+
+    def before_step(self, step: int) -> None:
+        if self.enabled and step == self.first and self.profile is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device_type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profile = torch.profiler.profile(activities=activities)
+            self.profile.__enter__()
+
+    def after_step(self, step: int) -> None:
+        if self.profile is None or step != self.last:
+            return
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        self.profile.__exit__(None, None, None)
+        os.makedirs(self.folder, exist_ok=True)
+        averages = self.profile.key_averages()
+        device_sort = "self_cuda_time_total" if self.device_type == "cuda" else "self_cpu_time_total"
+        header = f"{self.last - self.first} steps from step {self.first}\n"
+        for name, sort in (("ops_by_device_time.txt", device_sort), ("ops_by_host_time.txt", "self_cpu_time_total")):
+            with open(os.path.join(self.folder, name), "w") as f:
+                f.write(header + averages.table(sort_by=sort, row_limit=40, max_name_column_width=60))
+        self.profile.export_chrome_trace(os.path.join(self.folder, "trace.json"))
+        self.profile = None
+        logger.info("profile of steps %d-%d written to %s", self.first + 1, self.last, self.folder)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -449,7 +489,10 @@ def train(cfg: PretrainConfig) -> TrainResult:
     stop_at = total_steps if cfg.stop_after_steps <= 0 else min(total_steps, state.step + cfg.stop_after_steps)
     model.train()
     data_time = 0.0  # host time waiting for (and launching) the views, since the last log
+    profiler = StepProfiler(cfg, state.step, accelerator) if cfg.profile_steps > 0 else None
     while state.step < stop_at:
+        if profiler is not None:
+            profiler.before_step(state.step)
         fetch_start = time.perf_counter()
         view_q, view_k, n_skipped = views.next(state.step)
         data_time += time.perf_counter() - fetch_start
@@ -460,6 +503,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        if profiler is not None:
+            profiler.after_step(state.step)
         window_steps += 1
         with torch.no_grad():
             sums += torch.stack([out.loss.detach().float(), (out.logits.argmax(dim=1) == 0).float().mean()])

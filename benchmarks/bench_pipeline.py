@@ -118,6 +118,8 @@ def main(argv=None) -> None:
     parser.add_argument("--paths", default="cpu,device",
                         help="comma-separated: cpu (PIL workers), device (batches streamed to the device), "
                              "cache (the split decoded once into device memory)")
+    parser.add_argument("--profile_out", default=None,
+                        help="with --profile_steps N: write each run's profile tables to this folder")
     parser.add_argument("--skip_pipeline", action="store_true", help="only pretrain.py end to end")
     parser.add_argument("--device_decode", default="workers", help="device path decoding: workers or nvjpeg")
     args, overrides = parser.parse_known_args(argv)  # any other `--key value`: a pretrain.py config override
@@ -151,6 +153,12 @@ def main(argv=None) -> None:
                 print(rows[-1], flush=True)
             rows.append((f"pretrain.py end to end, {label}", *end_to_end(cfg)))
             print(rows[-1], flush=True)
+            profile = os.path.join(cfg.output_dir, "profile")
+            if args.profile_out and os.path.isdir(profile):  # the two tables in one file (the trace stays behind)
+                with open(os.path.join(args.profile_out, f"profile_{path}.txt"), "w") as out:
+                    for name in ("ops_by_device_time.txt", "ops_by_host_time.txt"):
+                        with open(os.path.join(profile, name)) as table:
+                            out.write(f"== {name}\n{table.read()}\n")
 
     print()
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}),"

@@ -61,10 +61,11 @@ for section in $sections; do
       run augment_v2 $big $py benchmarks/bench_augment.py "${augment[@]}" ;;
     r50)  # pretrain.py end to end from JPEG bytes: workers decode, the device augments, compiled encoders
       run e2e_r50_compile $big $py benchmarks/bench_pipeline.py "${r50[@]}" --preset v2 --workers $workers \
-        --mixed_precision bf16 --channels_last --compile --paths device ;;
+        --mixed_precision bf16 --channels_last --compile --paths device --profile_steps 3 --profile_out "$out" ;;
     cifar)  # CIFAR: the split decoded once into device memory, then augmented and trained from there
       run e2e_cifar_cache_compile $big $py benchmarks/bench_pipeline.py "${cifar[@]}" --preset cifar \
-        --workers $workers --mixed_precision bf16 --channels_last --compile --paths cache ;;
+        --workers $workers --mixed_precision bf16 --channels_last --compile --paths cache --profile_steps 3 \
+        --profile_out "$out" ;;
     *) echo "unknown section $section (step, augment, r50, cifar)"; exit 2 ;;
   esac
 done

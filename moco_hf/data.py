@@ -536,7 +536,8 @@ class ImageChunk(NamedTuple):
         decoded = decode_jpegs(split_encoded(flat, shapes), device=device)
         skipped += decoded.num_failed
         if not decoded.images:
-            return cls(torch.empty(0, 3, dtype=torch.uint8, device=device), torch.empty(0, 2, dtype=torch.long)), skipped
+            empty = cls(torch.empty(0, 3, dtype=torch.uint8, device=device), torch.empty(0, 2, dtype=torch.long))
+            return empty, skipped
         pixels = torch.cat([image.permute(1, 2, 0).reshape(-1, 3) for image in decoded.images])
         return cls(pixels, torch.tensor([list(image.shape[1:]) for image in decoded.images])), skipped
 

@@ -33,11 +33,12 @@ class PretrainConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "auto" for the newest in output_dir
     stop_after_steps: int = -1  # > 0: checkpoint and stop after this many steps of this invocation (time-limited jobs)
     log_steps: int = 10
+    profile_steps: int = 0  # > 0: torch.profiler over that many steps after the first log window -> output_dir/profile
     report_to: str = "tensorboard"  # tensorboard, wandb, all, none
     mixed_precision: str = "no"  # no, fp16, bf16
     compile: bool = False  # torch.compile both encoders (and the device augmentation)
     channels_last: bool = False
-    cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution algorithms (fixed shapes), as the official code
+    cudnn_benchmark: bool = True  # cuDNN picks the fastest convolution algorithms (fixed shapes), as the official code
 
     # data
     dataset_name: str | None = None  # Hub dataset, e.g. "ILSVRC/imagenet-1k"
@@ -108,7 +109,8 @@ class PretrainConfig:
         for name in ("batch_size", "image_size", "num_shards", "knn_k", "log_steps", "save_total_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "save_steps", "knn_every_epochs", "warmup_epochs", "shuffle_buffer"):
+        for name in ("num_workers", "save_steps", "knn_every_epochs", "warmup_epochs", "shuffle_buffer",
+                     "profile_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.device_cache_gb > 0:

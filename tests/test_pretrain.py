@@ -366,3 +366,12 @@ def test_device_cache_keeps_the_workers_partial_chunks(tmp_path):
     assert num_examples == 18 and sum(len(chunk[1]) for chunk in loader) < 18  # the training loader drops some
     cache = pretrain.build_device_cache(cfg, dataset, loader, torch.device("cpu"), num_examples)
     assert len(cache) == 18 and cache.num_skipped == 0
+
+
+def test_profile_steps_writes_where_the_time_went(tmp_path):
+    cfg = tiny_config(tmp_path, "--max_steps", "5", "--profile_steps", "2", "--eval_split", "none")  # log_steps 2
+    pretrain.train(cfg)
+    folder = tmp_path / "out" / "profile"
+    table = (folder / "ops_by_host_time.txt").read_text()
+    assert table.startswith("2 steps from step 2") and "aten::convolution" in table
+    assert (folder / "ops_by_device_time.txt").is_file() and (folder / "trace.json").stat().st_size > 0
