@@ -13,8 +13,10 @@ same recipe runs on a whole batch with plain torch ops, every random parameter d
 Everything after the gather can run as one `torch.compile`d function (`MoCoGPUAugment(..., compile=True)`): the
 eager ops each make a pass over the batch, where inductor fuses them into a few kernels. 256 images of 500 x 375 to
 two bf16 channels_last 224 px v2 views, one H100 (torch 2.11, `benchmarks/bench_augment.py`): 35.0 ms before
-the compiled path existed, 22.7 ms eager, 7.7 ms compiled. The random draws always run eagerly, on a
-`torch.Generator`, without host syncs.
+the compiled path existed, 22.7 ms eager, 7.7 ms compiled. The random draws are one `torch.rand` per view on a
+`torch.Generator` (eager, no host sync); the parameters are plain functions of those draws (`from_uniforms`), and
+with `compile=True` they and the gather's indices are compiled too, so a view costs about 5 eager ops and 3
+compiled calls on the host instead of about 150 ops (what matters at 32 px, where the kernels are tiny).
 
 MoCo v1 (He et al., 2019, Sec. 4.1): "a 224x224-pixel crop is taken from a randomly resized image, and then
 undergoes random color jittering, random horizontal flip, and random grayscale conversion" (the official code puts
@@ -22,7 +24,8 @@ the grayscale before the jitter). MoCo v2 (Chen et al., 2020): v1 plus "the blur
 colour distortion applied with p=0.8, as in SimCLR.
 
 Every op is a frozen dataclass with `sample(...)` (the random parameters, one row per sample, drawn from a
-`torch.Generator` on the batch's device) and `apply(images, params)` (deterministic), so each can be checked
+`torch.Generator` on the batch's device; `from_uniforms(u)` computes them from `num_uniforms` U[0, 1) draws per
+sample) and `apply(images, params)` (deterministic), so each can be checked
 against `torchvision.transforms.v2.functional` on fixed parameters. `MoCoGPUAugment` composes them for a preset.
 
 Usage:
@@ -65,13 +68,18 @@ def _check_probability(name: str, p: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {p}")
 
 
-def _bernoulli(n: int, p: float, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """N bools, each True with probability p (the `torch.rand(1) < p` test of torchvision's Random* ops)."""
-    return torch.rand(n, generator=generator, device=device) < p
+def _uniforms(n: int, k: int, device, generator: torch.Generator | None) -> Tensor:
+    """N x k independent U[0, 1) draws (float64): every random parameter of an op is a function of its own k.
+
+    Drawing them in one call and computing the parameters with plain tensor maths (`from_uniforms`) keeps the
+    sampling to a few kernels, or one compiled function, instead of a launch per draw.
+    """
+    return torch.rand(n, k, generator=generator, device=device, dtype=torch.float64)
 
 
-def _uniform(n: int, low: float, high: float, device, generator, dtype=torch.float32) -> Tensor:
-    return torch.rand(n, generator=generator, device=device, dtype=dtype) * (high - low) + low
+def _scaled(u: Tensor, low: float, high: float) -> Tensor:
+    """U[0, 1) -> U[low, high), in float32."""
+    return (u * (high - low) + low).float()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -167,29 +175,38 @@ class CropTaps(NamedTuple):
     col_weights: Tensor  # 2 x N x 1 x S float32: weights of columns x0, x1
 
 
-def crop_taps(images: ImageBatch, boxes: Tensor, size: int) -> CropTaps:
+def tap_index(boxes: Tensor, offsets: Tensor, widths: Tensor, size: int, index_dtype: torch.dtype,
+              scale_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Where `crop_taps` gathers from, and the blend weights: (flat index 4*N*S*S, row weights 2 x N x S x 1,
+    column weights 2 x N x 1 x S). Fixed shapes for a given N and S, so it compiles once (`MoCoGPUAugment`)."""
+    top, left, height, width = boxes.long().unbind(1)
+    y0, y1, wy0, wy1 = _bilinear_taps(height, size)  # N x S
+    x0, x1, wx0, wx1 = _bilinear_taps(width, size)
+    widths = widths[:, None]  # N x 1
+    rows = offsets[:, None] + (top[:, None] + torch.stack([y0, y1])) * widths  # 2 x N x S: row starts
+    cols = left[:, None] + torch.stack([x0, x1])  # 2 x N x S
+    rows, cols = rows.to(index_dtype), cols.to(index_dtype)
+    index = rows[:, None, :, :, None] + cols[None, :, :, None, :]  # 2 x 2 x N x S x S: (y0, x0), (y0, x1), ...
+    if scale_weights:  # uint8 pixels: fold the / 255 into the row weights
+        wy0, wy1 = wy0 / 255.0, wy1 / 255.0
+    return index.reshape(-1), torch.stack([wy0, wy1])[..., None], torch.stack([wx0, wx1])[:, :, None, :]
+
+
+def crop_taps(images: ImageBatch, boxes: Tensor, size: int, index_fn=tap_index) -> CropTaps:
     """Gather the bilinear taps of `resized_crop(images, boxes, size)`: one `index_select` for all 4 taps.
 
     The gather copies pixels in their own dtype (uint8: a quarter of float32's bytes); the index is int32 when the
-    packed pixels allow it (half of int64's 4 x N x S x S entries).
+    packed pixels allow it (half of int64's 4 x N x S x S entries). `index_fn`: `tap_index`, or a compiled copy.
     """
     packed = pack_images(images)
     n = len(packed)
     if boxes.shape != (n, 4):
         raise ValueError(f"expected boxes of shape ({n}, 4), got {tuple(boxes.shape)}")
-    top, left, height, width = boxes.to(packed.device, torch.long).unbind(1)
-    y0, y1, wy0, wy1 = _bilinear_taps(height, size)  # N x S
-    x0, x1, wx0, wx1 = _bilinear_taps(width, size)
-    widths = packed.widths[:, None]  # N x 1
-    rows = packed.offsets[:, None] + (top[:, None] + torch.stack([y0, y1])) * widths  # 2 x N x S: row starts
-    cols = left[:, None] + torch.stack([x0, x1])  # 2 x N x S
     index_dtype = torch.int32 if packed.pixels.shape[1] < 2**31 else torch.long
-    rows, cols = rows.to(index_dtype), cols.to(index_dtype)
-    index = rows[:, None, :, :, None] + cols[None, :, :, None, :]  # 2 x 2 x N x S x S: (y0, x0), (y0, x1), ...
-    pixels = packed.pixels.index_select(1, index.view(-1)).view(3, 4, n, size, size).transpose(0, 1)
-    if not packed.pixels.is_floating_point():
-        wy0, wy1 = wy0 / 255.0, wy1 / 255.0
-    return CropTaps(pixels, torch.stack([wy0, wy1])[..., None], torch.stack([wx0, wx1])[:, :, None, :])
+    index, row_weights, col_weights = index_fn(boxes.to(packed.device), packed.offsets, packed.widths, size,
+                                               index_dtype, not packed.pixels.is_floating_point())
+    pixels = packed.pixels.index_select(1, index).view(3, 4, n, size, size).transpose(0, 1)
+    return CropTaps(pixels, row_weights, col_weights)
 
 
 def blend_taps(taps: CropTaps) -> Tensor:
@@ -237,26 +254,35 @@ class RandomResizedCrop:
         if not 0.0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < ratio[0] <= ratio[1], got {self.ratio}")
 
+    @property
+    def num_uniforms(self) -> int:
+        return 2 * self.num_tries + 2  # area and aspect per try, then top and left
+
     def sample(self, heights: Tensor, widths: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Crop boxes for images of the given sizes (N each): N x 4 int64 (top, left, height, width).
+        """Crop boxes for images of the given sizes (N each): N x 4 int64 (top, left, height, width)."""
+        return self.from_uniforms(_uniforms(heights.numel(), self.num_uniforms, heights.device, generator),
+                                  heights, widths)
+
+    def from_uniforms(self, u: Tensor, heights: Tensor, widths: Tensor) -> Tensor:
+        """The boxes for N x `num_uniforms` U[0, 1) draws.
 
         torchvision's algorithm, all tries at once: up to 10 tries of area ~ U(scale) * H * W and
         log(aspect) ~ U(log ratio); the first try whose rounded box fits is kept, at a uniform position;
         if none fits, the largest central crop with the aspect ratio clamped into `ratio`.
         """
-        n, device = heights.numel(), heights.device
+        tries = self.num_tries
         img_h, img_w = heights.double().unsqueeze(1), widths.double().unsqueeze(1)  # N x 1
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        area = img_h * img_w * _uniform(n * self.num_tries, *self.scale, device, generator, torch.float64).view(n, -1)
-        aspect = torch.exp(_uniform(n * self.num_tries, log_lo, log_hi, device, generator, torch.float64)).view(n, -1)
+        area = img_h * img_w * (u[:, :tries] * (self.scale[1] - self.scale[0]) + self.scale[0])  # N x tries
+        aspect = torch.exp(u[:, tries: 2 * tries] * (log_hi - log_lo) + log_lo)
         crop_w = torch.sqrt(area * aspect).round()  # N x tries; round half to even, like Python's round
         crop_h = torch.sqrt(area / aspect).round()
         fits = (crop_w > 0) & (crop_w <= img_w) & (crop_h > 0) & (crop_h <= img_h)  # N x tries
         first = fits.byte().argmax(dim=1, keepdim=True)  # the first try that fits (argmax returns the first max)
         crop_w, crop_h = crop_w.gather(1, first), crop_h.gather(1, first)  # N x 1
-        u_top, u_left = torch.rand(n, 2, generator=generator, device=device, dtype=torch.float64).unbind(1)
-        top = (u_top.unsqueeze(1) * (img_h - crop_h + 1)).floor()  # ~ randint(0, H - h + 1)
-        left = (u_left.unsqueeze(1) * (img_w - crop_w + 1)).floor()
+        u_top, u_left = u[:, 2 * tries: 2 * tries + 1], u[:, 2 * tries + 1: 2 * tries + 2]  # N x 1 each
+        top = (u_top * (img_h - crop_h + 1)).floor()  # ~ randint(0, H - h + 1)
+        left = (u_left * (img_w - crop_w + 1)).floor()
 
         # fallback: central crop, aspect ratio clamped into `ratio`
         in_ratio = img_w / img_h
@@ -301,8 +327,13 @@ class RandomHorizontalFlip:
     def __post_init__(self):
         _check_probability("p", self.p)
 
+    num_uniforms = 1
+
     def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        return _bernoulli(n, self.p, device, generator)  # N bools
+        return self.from_uniforms(_uniforms(n, 1, device, generator))
+
+    def from_uniforms(self, u: Tensor) -> Tensor:
+        return u[:, 0] < self.p  # N bools: the `torch.rand(1) < p` test of torchvision's Random* ops
 
     def apply(self, images: Tensor, flip: Tensor) -> Tensor:
         return hflip(images, flip)
@@ -438,15 +469,20 @@ class ColorJitter:
             raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
         _check_probability("p", self.p)
 
+    num_uniforms = 9  # apply, 4 for the order, 4 factors
+
     def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> ColorJitterParams:
-        apply = _bernoulli(n, self.p, device, generator)
-        order = torch.rand(n, 4, generator=generator, device=device).argsort(dim=1)  # uniform random permutations
+        return self.from_uniforms(_uniforms(n, self.num_uniforms, device, generator))
+
+    def from_uniforms(self, u: Tensor) -> ColorJitterParams:
+        apply = u[:, 0] < self.p
+        order = u[:, 1:5].argsort(dim=1)  # uniform random permutations
         factors = torch.stack(
             [
-                _uniform(n, max(0.0, 1.0 - self.brightness), 1.0 + self.brightness, device, generator),
-                _uniform(n, max(0.0, 1.0 - self.contrast), 1.0 + self.contrast, device, generator),
-                _uniform(n, max(0.0, 1.0 - self.saturation), 1.0 + self.saturation, device, generator),
-                _uniform(n, -self.hue, self.hue, device, generator),
+                _scaled(u[:, 5], max(0.0, 1.0 - self.brightness), 1.0 + self.brightness),
+                _scaled(u[:, 6], max(0.0, 1.0 - self.contrast), 1.0 + self.contrast),
+                _scaled(u[:, 7], max(0.0, 1.0 - self.saturation), 1.0 + self.saturation),
+                _scaled(u[:, 8], -self.hue, self.hue),
             ],
             dim=1,
         )  # N x 4
@@ -470,8 +506,13 @@ class RandomGrayscale:
     def __post_init__(self):
         _check_probability("p", self.p)
 
+    num_uniforms = 1
+
     def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        return _bernoulli(n, self.p, device, generator)  # N bools
+        return self.from_uniforms(_uniforms(n, 1, device, generator))
+
+    def from_uniforms(self, u: Tensor) -> Tensor:
+        return u[:, 0] < self.p  # N bools
 
     def apply(self, images: Tensor, grayscale: Tensor) -> Tensor:
         return torch.where(_per_sample(grayscale), rgb_to_grayscale(images).expand_as(images), images)
@@ -559,10 +600,14 @@ class GaussianBlur:
             raise ValueError(f"sigma must satisfy 0 < sigma[0] <= sigma[1], got {self.sigma}")
         _check_probability("p", self.p)
 
+    num_uniforms = 2
+
     def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> GaussianBlurParams:
-        apply = _bernoulli(n, self.p, device, generator)
-        sigma = _uniform(n, *self.sigma, device, generator)
-        return GaussianBlurParams(apply, sigma, gaussian_kernels(sigma, self.kernel_size))
+        return self.from_uniforms(_uniforms(n, 2, device, generator))
+
+    def from_uniforms(self, u: Tensor) -> GaussianBlurParams:
+        sigma = _scaled(u[:, 1], *self.sigma)
+        return GaussianBlurParams(u[:, 0] < self.p, sigma, gaussian_kernels(sigma, self.kernel_size))
 
     def apply(self, images: Tensor, params: GaussianBlurParams) -> Tensor:
         kernels = params.kernels if params.kernels is not None else gaussian_kernels(params.sigma, self.kernel_size)
@@ -672,8 +717,11 @@ class MoCoGPUAugment:
         self.channels_last = channels_last
         self.compile = compile
         self._scale_shift: dict[torch.device, tuple[Tensor, Tensor]] = {}  # no host-to-device copy per batch
-        self._augment_taps = self._augment_taps_eager
-        if compile:  # a bound method: dynamo guards on the ops, dtype and layout it reads off `self`
+        self._num_uniforms = self.crop.num_uniforms + sum(op.num_uniforms for op in self.ops)
+        self._params, self._tap_index, self._augment_taps = self._params_eager, tap_index, self._augment_taps_eager
+        if compile:  # bound methods: dynamo guards on the ops, dtype and layout they read off `self`
+            self._params = torch.compile(self._params_eager, dynamic=False, fullgraph=True)
+            self._tap_index = torch.compile(tap_index, dynamic=False, fullgraph=True)
             self._augment_taps = torch.compile(self._augment_taps_eager, dynamic=False, fullgraph=True)
 
     def __repr__(self) -> str:
@@ -694,13 +742,23 @@ class MoCoGPUAugment:
         packed = pack_images(images)
         n, device = len(packed), packed.device
         generator = self._generator(device, generator)
-        boxes = self.crop.sample(packed.heights, packed.widths, generator)
-        return AugmentParams(boxes, tuple(op.sample(n, device, generator) for op in self.ops))
+        return self._params(_uniforms(n, self._num_uniforms, device, generator), packed.heights, packed.widths)
+
+    def _params_eager(self, u: Tensor, heights: Tensor, widths: Tensor) -> AugmentParams:
+        """Every parameter of one view from N x `_num_uniforms` draws: the crop's columns first, then each op's."""
+        start = self.crop.num_uniforms
+        boxes = self.crop.from_uniforms(u[:, :start], heights, widths)
+        params = []
+        for op in self.ops:
+            params.append(op.from_uniforms(u[:, start: start + op.num_uniforms]))
+            start += op.num_uniforms
+        return AugmentParams(boxes, tuple(params))
 
     @torch.no_grad()
     def apply(self, images: ImageBatch, params: AugmentParams) -> Tensor:
         """The view of `images` for fixed `params`: N x 3 x size x size, normalised, in `dtype`."""
-        taps = crop_taps(images, params.boxes, self.size)  # the gather, eager: its input's size varies per batch
+        # the gather stays eager (its input's size varies per batch); its indices have fixed shapes
+        taps = crop_taps(images, params.boxes, self.size, index_fn=self._tap_index)
         device = taps.pixels.device
         if device not in self._scale_shift:
             mean, std = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (self.mean, self.std))

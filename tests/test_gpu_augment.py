@@ -391,9 +391,16 @@ def test_compiled_matches_eager_without_recompiling(preset, dtype, channels_last
     compiled = G.MoCoGPUAugment(preset, size=32, dtype=dtype, channels_last=channels_last, compile=True)
     generator = torch.Generator(device).manual_seed(0)
     for call in range(2):  # new parameters on the second call: the same graph, no recompilation
+        state = generator.get_state()
         params = eager.sample(images, generator)
+        generator.set_state(state)
         with torch._dynamo.config.patch(error_on_recompile=call > 0):
+            compiled_params = compiled.sample(images, generator)  # the same draws, through the compiled maths
             out = compiled.apply(images, params)
+        assert torch.equal(compiled_params.boxes, params.boxes)
+        for ours, theirs in zip(compiled_params.ops, params.ops):
+            for a, b in zip(*((p,) if isinstance(p, torch.Tensor) else p for p in (ours, theirs))):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
         assert out.shape == (4, 3, 32, 32) and out.dtype == dtype and out.device.type == device
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         # float32 maths on both sides (fused or not: ~1e-6 apart), then one rounding to the output dtype
