@@ -88,6 +88,28 @@ def count_syncs(fn) -> str:
     return str(len(syncs))
 
 
+def eager_ops(fn) -> int:
+    """aten ops the host dispatches one by one in a call: top-level ones, outside compiled code (each is a launch
+    on CUDA; compiled regions count as their own events and their kernels are not aten ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
+
+
+def params_for(module, params):
+    """`params` (an AugmentParams of this version) in the classes of another version of gpu_augment."""
+    ops = []
+    for p in params.ops:
+        if hasattr(p, "_fields"):  # a NamedTuple: rebuild it with the other version's class and fields
+            cls = getattr(module, type(p).__name__)
+            ops.append(cls(*(getattr(p, f) for f in cls._fields if hasattr(p, f))))
+        else:
+            ops.append(p)
+    return module.AugmentParams(params.boxes, tuple(ops))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -127,10 +149,14 @@ def main() -> None:
         f"{iters} timed calls after {args.warmup} warm-up"
     )
     rows, tables, outputs = [], [], {}
+    current = load_gpu_augment(os.path.join(ROOT, "moco_hf", "gpu_augment.py"), "gpu_augment_reference")
+    reference = current.MoCoGPUAugment(args.preset, args.size, dtype=dtype, channels_last=args.channels_last)
+    fixed = reference.sample(images, torch.Generator(device).manual_seed(1))  # the same parameters for every mode
     for mode, module, kwargs in runs:
         augment = module.MoCoGPUAugment(args.preset, args.size, dtype=dtype, channels_last=args.channels_last, **kwargs)
         generator = torch.Generator(device).manual_seed(args.seed)
-        fn = functools.partial(augment.two_views, images, generator=generator)
+        # packed once, as pretrain.py hands the augmentation a packed batch (`ImageChunk.packed`)
+        fn = functools.partial(augment.two_views, module.pack_images(images), generator=generator)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
@@ -147,19 +173,19 @@ def main() -> None:
             syncs = count_syncs(fn)
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else "n/a"
         # the same parameters through each mode, to check they agree (against the first mode)
-        params = augment.sample(images, torch.Generator(device).manual_seed(1))
-        outputs[mode] = augment.apply(images, params).float()
+        outputs[mode] = augment.apply(images, params_for(module, fixed)).float()
         kernel_ms = f"{kernel * 1e3:.2f}" if kernel is not None else "n/a"
         rows.append(
-            f"| {mode} | {seconds * 1e3:.2f} | {kernel_ms} | {batch / seconds:,.0f} | {peak} | {syncs} | {first:.1f} |"
+            f"| {mode} | {seconds * 1e3:.2f} | {kernel_ms} | {batch / seconds:,.0f} | {peak} | {syncs} | "
+            f"{eager_ops(fn)} | {first:.1f} |"
         )
         tables.append((mode, table))
 
     print(
         "| mode | ms per batch (two views) | GPU kernel ms per batch | images/s | peak memory | host syncs per call "
-        "| first call s |"
+        "| eager ops per call | first call s |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     reference = next(iter(outputs))
     for mode, out in outputs.items():
