@@ -222,6 +222,7 @@ class CPUViews:
 
     def __init__(self, batches: BatchStream, device: torch.device, channels_last: bool, batch: int):
         self.batches, self.device, self.channels_last, self.batch = batches, device, channels_last, batch
+        self.position_unit = batches.loader.batch_size  # images per item counted in the data position: a chunk
 
     def next(self, step: int):
         chunks = [self.batches.next()]
@@ -266,6 +267,7 @@ class GPUViews:
                  batch: int):
         self.batches, self.device, self.batch, self.seed, self.rank = batches, device, batch, seed, rank
         self.augment = augment
+        self.position_unit = batches.loader.batch_size  # images per item counted in the data position: a chunk
         self.generator = torch.Generator(device=device)
         self.carry: list[ImageChunk] = []  # images beyond the last batch (when corrupt ones made a chunk short)
 
@@ -295,6 +297,7 @@ class CachedViews:
             raise ValueError(f"this process has {len(cache)} readable training images, fewer than its batch of {batch}")
         self.cache, self.state, self.augment, self.batch = cache, state, augment, batch
         self.seed, self.rank = seed, rank
+        self.position_unit = batch  # images per item counted in the data position: a batch
         self.device = cache.images.device
         self.generator = torch.Generator(device=self.device)
         self.order, self.order_epoch = None, None
@@ -322,24 +325,39 @@ class CachedViews:
 def build_device_cache(cfg: PretrainConfig, dataset, loader, device: torch.device,
                        expected_images: int | None) -> DeviceImageCache | None:
     """This process's part of the training split decoded into device memory, or None when `device_cache` is off or
-    (auto) the part does not fit in `device_cache_gb`."""
+    the part does not fit in `device_cache_gb` (`settle_device_cache` then decides for all processes).
+
+    `auto` gives up early on splits that are clearly too large: from one image of the unshuffled split (before any
+    DataLoader worker fills its shuffle buffer), then from the mean size of the first images. `on` only stops
+    when the images read exceed the budget."""
     if cfg.device_cache == "off":
         return None
     max_bytes = int(cfg.device_cache_gb * 2**30)
-    # One image says whether the split can fit, before any DataLoader worker fills its shuffle buffer.
-    sample = dataset.first_image_nbytes()
-    if sample is None or expected_images is None or sample * expected_images <= 1.05 * max_bytes:
-        dataset.set_epoch(0)
-        every_image = chunk_loader(cfg, dataset, loader.collate_fn, loader.batch_size, loader.pin_memory,
-                                   drop_last=False)  # every image once: the workers' last, partial chunks too
-        cache = DeviceImageCache.build((ImageChunk.from_chunk(chunk, device) for chunk in every_image), max_bytes,
-                                       expected_images)
-    else:
-        cache = None
-    if cache is None and cfg.device_cache == "on":
-        raise ValueError(f"device_cache=on, but this process's part of the training split does not fit in "
-                         f"device_cache_gb={cfg.device_cache_gb:g}; raise device_cache_gb or set device_cache auto/off")
-    return cache
+    if cfg.device_cache == "on":
+        expected_images = None
+    elif expected_images:
+        sample = dataset.first_image_nbytes()
+        if sample is not None and sample * expected_images > 2 * max_bytes:
+            return None
+    dataset.set_epoch(0)
+    every_image = chunk_loader(cfg, dataset, loader.collate_fn, loader.batch_size, loader.pin_memory,
+                               drop_last=False)  # every image once: the workers' last, partial chunks too
+    return DeviceImageCache.build((ImageChunk.from_chunk(chunk, device) for chunk in every_image), max_bytes,
+                                  expected_images)
+
+
+def settle_device_cache(cfg: PretrainConfig, cache: DeviceImageCache | None, accelerator) -> DeviceImageCache | None:
+    """Every process trains from its cache, or none does (ranks whose part did not fit stream, so all do)."""
+    if cfg.device_cache == "off":
+        return None
+    fits = accelerator.gather(torch.tensor([cache is not None], device=accelerator.device))
+    if bool(fits.all()):
+        return cache
+    if cfg.device_cache == "on":
+        raise ValueError(f"device_cache=on, but the training split of {int((~fits).sum())} of "
+                         f"{fits.numel()} processes does not fit in device_cache_gb={cfg.device_cache_gb:g}; raise "
+                         "device_cache_gb or set device_cache auto/off")
+    return None
 
 
 class StepProfiler:
@@ -379,6 +397,12 @@ class StepProfiler:
         self.profile.export_chrome_trace(os.path.join(self.folder, "trace.json"))
         self.profile = None
         logger.info("profile of steps %d-%d written to %s", self.first + 1, self.last, self.folder)
+
+    def close(self, step: int) -> None:
+        """Training ended inside the profiled steps: write what there is."""
+        if self.profile is not None:
+            self.last = step
+            self.after_step(step)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -445,10 +469,13 @@ def train(cfg: PretrainConfig) -> TrainResult:
     )
 
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    saved_unit = None  # images per counted data item at save time (a loader chunk, or a batch of the cache)
     if resume:
         accelerator.load_state(resume)
         if state.positions:  # custom state is written by the main process: every rank's position is in it
-            state.data_epoch, state.batches_in_epoch = state.positions[accelerator.process_index]
+            position = state.positions[accelerator.process_index]
+            state.data_epoch, state.batches_in_epoch = position[:2]
+            saved_unit = position[2] if len(position) > 2 else None
         accelerator.print(f"resumed from {resume} at step {state.step}")
 
     if accelerator.trackers:
@@ -468,6 +495,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     rank, device = accelerator.process_index, accelerator.device
     cache = (build_device_cache(cfg, dataset, loader, device, num_examples // accelerator.num_processes)
              if gpu_views else None)
+    cache = settle_device_cache(cfg, cache, accelerator) if gpu_views else None
     if cache is not None:
         views = CachedViews(cache, state, make_gpu_augment(cfg, stats), cfg.seed, rank, per_process)
         if state.step == 0:
@@ -478,6 +506,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
         views = GPUViews(batches, device, make_gpu_augment(cfg, stats), cfg.seed, rank, per_process)
     else:
         views = CPUViews(batches, device, cfg.channels_last, per_process)
+    if saved_unit and saved_unit != views.position_unit:  # saved while streaming, resumed from the cache, or back
+        state.batches_in_epoch = state.batches_in_epoch * saved_unit // views.position_unit
+        accelerator.print(f"data position converted from units of {saved_unit} to {views.position_unit} images")
     progress = None
     if accelerator.is_main_process:
         from tqdm.auto import tqdm
@@ -552,12 +583,19 @@ def train(cfg: PretrainConfig) -> TrainResult:
             accelerator.log({"knn_acc": acc}, step=state.step)
             accelerator.print(f"\nepoch {epoch}: kNN accuracy {acc:.2f}%")
         if (cfg.save_steps > 0 and state.step % cfg.save_steps == 0) or (state.step == stop_at < total_steps):
-            position = torch.tensor([[state.data_epoch, state.batches_in_epoch]], device=accelerator.device)
+            position = torch.tensor([[state.data_epoch, state.batches_in_epoch, views.position_unit]],
+                                    device=accelerator.device)
             state.positions = accelerator.gather(position).tolist()
+            # corrupt images met since the last log go into the checkpoint too
+            state.skipped_images += int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device),
+                                                           "sum").item())
+            skipped = 0
             path = save_checkpoint(accelerator, cfg.output_dir, state.step, cfg.save_total_limit)
             accelerator.print(f"\nsaved {path}")
     if progress is not None:
         progress.close()
+    if profiler is not None:
+        profiler.close(state.step)
 
     if state.step < total_steps:
         accelerator.print(f"stopped at step {state.step} of {total_steps} (stop_after_steps); resume with "

@@ -40,12 +40,12 @@ class MoCoConfig(PreTrainedConfig):
             Shuffle the key batch across devices before the key encoder and restore its order after, so that
             BatchNorm statistics cannot reveal which key is the positive (paper, Sec. 3.3).
         bn_splits (`int`, defaults to 1):
-            In a single process, BatchNorm normalises each of this many equal chunks of the batch with its
-            own statistics, as on `bn_splits` GPUs (the official CIFAR demo's `SplitBatchNorm`), in one pass
-            over the batch. As in the demo, the running statistics are updated with the average over the
-            chunks of their statistics. The per-process batch must be divisible by `bn_splits` in train mode.
-            Backbones with other BatchNorm types (e.g. timm's `BatchNormAct2d`) run once per chunk instead.
-            1 is off.
+            BatchNorm normalises each of this many equal chunks of each process's batch with its own
+            statistics, as on `bn_splits` times as many GPUs (the official CIFAR demo's `SplitBatchNorm`, meant
+            for one GPU), in one pass over the batch. As in the demo, the running statistics are updated with
+            the average over the chunks of their statistics. The per-process batch must be divisible by
+            `bn_splits` in train mode. Backbones with other BatchNorm types (e.g. timm's `BatchNormAct2d`) run
+            once per chunk instead (their running statistics then take one update per chunk). 1 is off.
         symmetric (`bool`, defaults to `False`):
             Symmetric loss of the official CIFAR demo: each view is used once as query and once as key,
             the two losses are added and both key batches are enqueued.

@@ -340,6 +340,9 @@ def load_source(
             num_examples = len(table)
             if num_examples == 0:
                 raise ValueError(f"split {split!r} of {path!r} is empty")
+            # Folders list images class by class: a fixed permutation first, so that each shard (and so each
+            # process and worker) holds every class, not a contiguous range of them.
+            table = table.shuffle(seed=0)
             ds = table.to_iterable_dataset(num_shards=max(1, min(num_shards, num_examples)))
     features = ds.features
     image_col = find_image_column(features, image_column)
@@ -476,6 +479,8 @@ class EncodedStream(torch.utils.data.IterableDataset):
                 continue
             yield tensor, skipped
             skipped = 0
+        if skipped:  # unreadable images at the very end: an empty image carries their count
+            yield torch.empty((3, 0, 0) if self.decode else (0,), dtype=torch.uint8), skipped
 
 
 def _shared_flat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -499,7 +504,12 @@ def collate_encoded(samples):
     per image.
     """
     data, skipped = zip(*samples)
-    if data[0].dim() == 1:
+    encoded = data[0].dim() == 1
+    data = [d for d in data if d.numel()]  # an empty image only carries the count of trailing unreadable ones
+    if not data:
+        shapes = torch.empty((0,) if encoded else (0, 2), dtype=torch.long)
+        return torch.empty(0, dtype=torch.uint8), shapes, sum(skipped)
+    if encoded:
         shapes = torch.tensor([d.numel() for d in data], dtype=torch.long)
         return _shared_flat(list(data)), shapes, sum(skipped)
     shapes = torch.tensor([list(d.shape[1:]) for d in data], dtype=torch.long)  # N x 2
@@ -565,7 +575,7 @@ class ImageChunk(NamedTuple):
         else:
             meta = meta.to(device)
         offsets, heights, widths = meta.unbind(0)
-        return PackedImages(self.pixels.t().contiguous(), offsets, heights, widths)
+        return PackedImages(self.pixels.t().contiguous(), offsets, heights, widths)  # no copy if built from planes
 
 
 class DeviceImageCache:
@@ -595,24 +605,29 @@ class DeviceImageCache:
 
     @classmethod
     def build(cls, chunks, max_bytes: int, expected_images: int | None = None) -> DeviceImageCache | None:
-        """Join (ImageChunk, skipped) pairs into one cache in the chunks' device memory.
+        """Join (ImageChunk, skipped) pairs into one cache in the chunks' device memory (peak: twice the cache).
 
-        Returns None as soon as the split is known not to fit in `max_bytes`: when the images so far exceed it, or
-        when their mean size times `expected_images` does.
+        Returns None as soon as the images so far exceed `max_bytes`; with `expected_images`, also once a sample
+        of at least 1,000 images (or 5 % of the split) says that their mean size times `expected_images` is over
+        1.5 x `max_bytes` (an early way out for large splits; the first images need not be typical).
         """
-        parts, skipped, total, count = [], 0, 0, 0
+        planes, sizes, skipped, total, count = [], [], 0, 0, 0
         for chunk, unreadable in chunks:
             skipped += unreadable
             if not len(chunk):
                 continue
-            parts.append(chunk)
+            planes.append(chunk.pixels.t().contiguous())  # 3 x P_chunk
+            sizes.append(chunk.sizes)
             total += chunk.pixels.numel()
             count += len(chunk)
-            if total > max_bytes or (expected_images and total / count * expected_images > 1.05 * max_bytes):
+            sampled = expected_images and count >= min(1000, 0.05 * expected_images)
+            if total > max_bytes or (sampled and total / count * expected_images > 1.5 * max_bytes):
                 return None
-        if not parts:
+        if not planes:
             raise ValueError("the training split yields no images: it is empty or every image is unreadable")
-        return cls(ImageChunk.join(parts).packed(), skipped)
+        pixels = torch.cat(planes, dim=1) if len(planes) > 1 else planes[0]
+        del planes
+        return cls(ImageChunk(pixels.t(), torch.cat(sizes)).packed(), skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------

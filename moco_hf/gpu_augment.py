@@ -635,7 +635,7 @@ def _normalize_to(images: Tensor, scale: Tensor, shift: Tensor, dtype: torch.dty
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if torch.compiler.is_compiling():
         return (images * scale + shift).to(dtype=dtype, memory_format=memory_format)
-    out = torch.empty(images.shape, dtype=dtype, device=images.device).contiguous(memory_format=memory_format)
+    out = torch.empty(images.shape, dtype=dtype, device=images.device, memory_format=memory_format)
     return torch.addcmul(shift, images, scale, out=out)
 
 

@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import pretrain  # noqa: E402
+from moco_hf.data import ImageChunk  # noqa: E402
 from moco_hf.training import list_checkpoints, load_config, resolve_resume  # noqa: E402
 
 from _tiny import TINY  # noqa: E402
@@ -254,7 +255,7 @@ class _PassThrough:
 
 
 def _chunk(images):
-    from moco_hf.data import ImageChunk, collate_encoded
+    from moco_hf.data import collate_encoded
 
     return ImageChunk.from_chunk(collate_encoded([(image, 0) for image in images]), torch.device("cpu"))[0]
 
@@ -318,7 +319,7 @@ def test_device_cache_training_resumes_exactly_and_counts_corrupt_images(tmp_pat
     assert straight.metrics["skipped_images"] == 1
     assert (straight.state.data_epoch, straight.state.batches_in_epoch) == (1, 3)  # 24 images: 3 batches/epoch
 
-    pretrain.train(tiny_config(tmp_path / "b", *common, "--stop_after_steps", "3"))
+    pretrain.train(tiny_config(tmp_path / "b", *common, "--stop_after_steps", "1"))  # saved before the first log
     resumed = pretrain.train(tiny_config(tmp_path / "b", *common, "--resume_from_checkpoint", "auto"))
     assert resumed.metrics["skipped_images"] == 1  # not counted again on resume
     a, b = straight.model.state_dict(), resumed.model.state_dict()
@@ -342,15 +343,90 @@ def test_device_cache_gives_up_before_starting_workers(tmp_path, monkeypatch):
 
     root = make_image_folder(tmp_path / "data", per_class=4)
     cfg = tiny_config(tmp_path, "--train_dir", str(root), "--batch_size", "4", "--gpu_augment", "on",
-                      "--device_cache_gb", "1e-5", "--eval_split", "none")
+                      "--device_cache_gb", "5e-6", "--eval_split", "none")  # 12 x 1,728 B > 2 x 5,369 B
     model = pretrain.build_model(cfg)
     dataset, loader, n = pretrain.build_train_loader(cfg, PartialState(), pretrain.data_stats(model), gpu=True)
     assert dataset.first_image_nbytes() == 3 * 24 * 24
     monkeypatch.setattr(pretrain, "chunk_loader", lambda *a, **k: pytest.fail("the split was read"))
     assert pretrain.build_device_cache(cfg, dataset, loader, torch.device("cpu"), n) is None
-    with pytest.raises(ValueError, match="does not fit"):
-        pretrain.build_device_cache(load_config(None, TINY + ["--device_cache", "on", "--device_cache_gb", "1e-5"]),
-                                    dataset, loader, torch.device("cpu"), n)
+
+
+class _Processes:
+    """Stands in for the Accelerator of several processes: `gather` returns every process's flag."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, *fits):
+        self.fits = torch.tensor(fits)
+
+    def gather(self, tensor):
+        return self.fits
+
+
+def test_processes_agree_on_the_device_cache(tmp_path):
+    cache, _ = _tiny_cache()
+    auto = tiny_config(tmp_path, "--gpu_augment", "on")
+    assert pretrain.settle_device_cache(auto, cache, _Processes(True, True)) is cache
+    assert pretrain.settle_device_cache(auto, cache, _Processes(True, False)) is None  # then every process streams
+    on = tiny_config(tmp_path, "--gpu_augment", "on", "--device_cache", "on")
+    with pytest.raises(ValueError, match="1 of 2 processes does not fit"):
+        pretrain.settle_device_cache(on, cache, _Processes(True, False))
+
+
+def test_cache_budget_is_exact_for_on_and_an_estimate_for_auto():
+    from moco_hf.data import DeviceImageCache
+
+    big, small = torch.zeros(3, 20, 20, dtype=torch.uint8), torch.zeros(3, 2, 2, dtype=torch.uint8)
+    skewed = [(_chunk([big] * 10), 0)] + [(_chunk([small] * 10), 0) for _ in range(99)]  # 12,000 + 11,880 bytes
+    # `on` (no estimate): large first images do not matter, only the total
+    assert len(DeviceImageCache.build(iter(skewed), 25_000)) == 1000
+    assert DeviceImageCache.build(iter(skewed), 23_000) is None
+    # `auto` extrapolates from a sample of the split (5 %, at most 1,000 images): typical first images pass
+    typical = [(_chunk([big] + [small] * 9), 0) for _ in range(100)]  # 120,000 + 10,800 bytes
+    assert len(DeviceImageCache.build(iter(typical), 140_000, expected_images=1000)) == 1000
+    consumed = []
+    assert DeviceImageCache.build((consumed.append(c) or c for c in typical), 60_000, expected_images=1000) is None
+    assert len(consumed) == 5  # gave up after a sample of 50 images, not at 60,000 bytes
+
+
+def test_trailing_unreadable_images_are_counted():
+    from moco_hf.data import EncodedStream, collate_encoded
+
+    good = _png_bytes()
+    rows = [{"image": {"bytes": good}}] * 3 + [{"image": {"bytes": b"junk"}}, {"image": {"path": "/no/such.jpg"}}]
+    # workers that decode skip both bad rows; workers that only read bytes pass the junk on (decoded later)
+    for decode, unreadable, kept in ((True, 2, 3), (False, 1, 4)):
+        samples = list(EncodedStream(_Rows(rows), "image", decode=decode))
+        assert sum(s for _, s in samples) == unreadable and sum(t.numel() > 0 for t, _ in samples) == kept
+        flat, shapes, skipped = collate_encoded(samples[-1:])  # a chunk of only the count
+        assert skipped == unreadable and flat.numel() == 0 and shapes.shape[0] == 0
+        assert len(ImageChunk.from_chunk((flat, shapes, skipped), torch.device("cpu"))[0]) == 0
+
+
+class _Rows(list):
+    def set_epoch(self, epoch):
+        pass
+
+
+def _png_bytes():
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (5, 4), (10, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_resume_from_streaming_into_the_device_cache_converts_the_position(tmp_path):
+    """Streaming counts chunks of 24 images, the cache batches of 48: 2 chunks taken = 1 batch taken."""
+    root = make_image_folder(tmp_path / "data", per_class=40)  # 120 images: 2 cached batches of 48 per epoch
+    common = ["--train_dir", str(root), "--batch_size", "48", "--queue_size", "96", "--eval_split", "none",
+              "--gpu_augment", "on", "--num_workers", "1", "--max_steps", "3"]
+    first = pretrain.train(tiny_config(tmp_path, *common, "--device_cache", "off", "--stop_after_steps", "1"))
+    assert (first.state.data_epoch, first.state.batches_in_epoch) == (0, 2)
+    resumed = pretrain.train(tiny_config(tmp_path, *common, "--device_cache", "on",
+                                         "--resume_from_checkpoint", "auto"))
+    # converted to (0, 1); step 2 takes batch 1 of epoch 0, step 3 starts epoch 1 (unconverted: (1, 2))
+    assert (resumed.state.data_epoch, resumed.state.batches_in_epoch) == (1, 1)
 
 
 def test_device_cache_keeps_the_workers_partial_chunks(tmp_path):
