@@ -34,6 +34,7 @@ from moco_hf.data import (
     DeviceImageCache,
     EncodedStream,
     ImageChunk,
+    ThreadDecoder,
     EvalTransform,
     LabeledStream,
     TwoViewStream,
@@ -128,7 +129,7 @@ def build_train_loader(cfg: PretrainConfig, accelerator, stats: dict, gpu: bool 
         dataset = TwoViewStream(stream, source.image_column, transform, seed=cfg.seed, rank=accelerator.process_index)
         collate = collate_two_views
     loader = chunk_loader(cfg, dataset, collate, chunk_size(cfg.batch_size // accelerator.num_processes),
-                          pin_memory=accelerator.device.type == "cuda")
+                          pin_memory=accelerator.device.type == "cuda" and not (gpu and cfg.device_decode == "threads"))
     return dataset, loader, source.num_examples
 
 
@@ -237,10 +238,26 @@ class CPUViews:
         return view_q, view_k, skipped
 
 
+def decode_threads(cfg: PretrainConfig) -> int:
+    """`decode_threads`, or by default the CPU cores this process can use less the DataLoader workers (at least 2)."""
+    if cfg.decode_threads > 0:
+        return cfg.decode_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(2, cores - cfg.num_workers - 1)
+
+
 def make_gpu_augment(cfg: PretrainConfig, stats: dict) -> MoCoGPUAugment:
     crop_scale = (cfg.crop_min_scale, 1.0) if cfg.crop_min_scale is not None else None
     return MoCoGPUAugment(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"],
                           channels_last=cfg.channels_last, crop_scale=crop_scale, compile=cfg.compile)
+
+
+def join_chunks(chunks: list) -> tuple:
+    """One `collate_encoded` chunk out of several of the same kind."""
+    if len(chunks) == 1:
+        return chunks[0]
+    flats, shapes, skipped = zip(*chunks)
+    return torch.cat(flats), torch.cat(shapes), sum(skipped)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -264,17 +281,21 @@ class GPUViews:
     """
 
     def __init__(self, batches: BatchStream, device: torch.device, augment: MoCoGPUAugment, seed: int, rank: int,
-                 batch: int):
+                 batch: int, decoder: ThreadDecoder | None = None):
         self.batches, self.device, self.batch, self.seed, self.rank = batches, device, batch, seed, rank
-        self.augment = augment
+        self.augment, self.decoder = augment, decoder
         self.position_unit = batches.loader.batch_size  # images per item counted in the data position: a chunk
         self.generator = torch.Generator(device=device)
         self.carry: list[ImageChunk] = []  # images beyond the last batch (when corrupt ones made a chunk short)
 
     def next(self, step: int):
         chunks, skipped = self.carry, 0
-        while sum(len(c) for c in chunks) < self.batch:
-            chunk, unreadable = ImageChunk.from_chunk(self.batches.next(), self.device)
+        while (have := sum(len(c) for c in chunks)) < self.batch:
+            encoded = [self.batches.next()]
+            if self.decoder is not None:  # bytes: as many chunks as the batch still needs, decoded in one go
+                while sum(len(e[1]) for e in encoded) < self.batch - have:
+                    encoded.append(self.batches.next())
+            chunk, unreadable = ImageChunk.from_chunk(join_chunks(encoded), self.device, self.decoder)
             chunks, skipped = chunks + [chunk], skipped + unreadable
         images, rest = ImageChunk.join(chunks).split(self.batch)
         self.carry = [rest] if len(rest) else []
@@ -322,8 +343,8 @@ class CachedViews:
         return view_q, view_k, 0
 
 
-def build_device_cache(cfg: PretrainConfig, dataset, loader, device: torch.device,
-                       expected_images: int | None) -> DeviceImageCache | None:
+def build_device_cache(cfg: PretrainConfig, dataset, loader, device: torch.device, expected_images: int | None,
+                       decoder: ThreadDecoder | None = None) -> DeviceImageCache | None:
     """This process's part of the training split decoded into device memory, or None when `device_cache` is off or
     the part does not fit in `device_cache_gb` (`settle_device_cache` then decides for all processes).
 
@@ -342,8 +363,8 @@ def build_device_cache(cfg: PretrainConfig, dataset, loader, device: torch.devic
     dataset.set_epoch(0)
     every_image = chunk_loader(cfg, dataset, loader.collate_fn, loader.batch_size, loader.pin_memory,
                                drop_last=False)  # every image once: the workers' last, partial chunks too
-    return DeviceImageCache.build((ImageChunk.from_chunk(chunk, device) for chunk in every_image), max_bytes,
-                                  expected_images)
+    return DeviceImageCache.build((ImageChunk.from_chunk(chunk, device, decoder) for chunk in every_image),
+                                  max_bytes, expected_images)
 
 
 def settle_device_cache(cfg: PretrainConfig, cache: DeviceImageCache | None, accelerator) -> DeviceImageCache | None:
@@ -493,7 +514,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     batches = BatchStream(dataset, loader, state)
     per_process = cfg.batch_size // accelerator.num_processes
     rank, device = accelerator.process_index, accelerator.device
-    cache = (build_device_cache(cfg, dataset, loader, device, num_examples // accelerator.num_processes)
+    decoder = ThreadDecoder(decode_threads(cfg)) if gpu_views and cfg.device_decode == "threads" else None
+    cache = (build_device_cache(cfg, dataset, loader, device, num_examples // accelerator.num_processes, decoder)
              if gpu_views else None)
     cache = settle_device_cache(cfg, cache, accelerator) if gpu_views else None
     if cache is not None:
@@ -503,7 +525,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
         accelerator.print(f"device cache: {len(cache)} decoded images ({cache.nbytes / 2**20:.0f} MiB) on {device}, "
                           f"{views.batches_per_epoch} batches per epoch")
     elif gpu_views:
-        views = GPUViews(batches, device, make_gpu_augment(cfg, stats), cfg.seed, rank, per_process)
+        views = GPUViews(batches, device, make_gpu_augment(cfg, stats), cfg.seed, rank, per_process, decoder)
     else:
         views = CPUViews(batches, device, cfg.channels_last, per_process)
     if saved_unit and saved_unit != views.position_unit:  # saved while streaming, resumed from the cache, or back
@@ -596,6 +618,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
         progress.close()
     if profiler is not None:
         profiler.close(state.step)
+    if decoder is not None:
+        decoder.close()
 
     if state.step < total_steps:
         accelerator.print(f"stopped at step {state.step} of {total_steps} (stop_after_steps); resume with "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of BENCHMARKS.md, for a lent GPU machine, in one call:
-#   bash benchmarks/gpu_suite.sh [step] [augment] [r50] [cifar]      (default: all four, about 10 minutes on an H100)
+#   bash benchmarks/gpu_suite.sh [step] [augment] [r50] [r50threads] [cifar]   (default: all, about 12 min on an H100)
 # Its Python has torch, timm, transformers and accelerate but not `datasets`: carry wheels in .whl/ first, here:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}; mkdir -p "$out"
-sections=${*:-step augment r50 cifar}
+sections=${*:-step augment r50 r50threads cifar}
 if [ -d .whl ] && [ -z "${SMOKE:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -62,10 +62,13 @@ for section in $sections; do
     r50)  # pretrain.py end to end from JPEG bytes: workers decode, the device augments, compiled encoders
       run e2e_r50_compile $big $py benchmarks/bench_pipeline.py "${r50[@]}" --preset v2 --workers $workers \
         --mixed_precision bf16 --channels_last --compile --paths device --profile_steps 3 --profile_out "$out" ;;
+    r50threads)  # the same, workers only reading bytes and threads of the training process decoding
+      run e2e_r50_threads_compile $big $py benchmarks/bench_pipeline.py "${r50[@]}" --preset v2 --workers 4 \
+        --device_decode threads --mixed_precision bf16 --channels_last --compile --paths device --skip_pipeline ;;
     cifar)  # CIFAR: the split decoded once into device memory, then augmented and trained from there
       run e2e_cifar_cache_compile $big $py benchmarks/bench_pipeline.py "${cifar[@]}" --preset cifar \
         --workers $workers --mixed_precision bf16 --channels_last --compile --paths cache --profile_steps 3 \
         --profile_out "$out" ;;
-    *) echo "unknown section $section (step, augment, r50, cifar)"; exit 2 ;;
+    *) echo "unknown section $section (step, augment, r50, r50threads, cifar)"; exit 2 ;;
   esac
 done

@@ -56,7 +56,9 @@ class PretrainConfig:
     image_size: int = 32  # crop size in pixels
     crop_min_scale: float | None = 0.4  # RandomResizedCrop lower scale bound (None: the preset's)
     gpu_augment: str = "auto"  # auto (GPU when training on CUDA), on, off
-    device_decode: str = "workers"  # with gpu_augment: JPEGs decoded by DataLoader workers (libjpeg-turbo) or nvjpeg
+    device_decode: str = "workers"  # with gpu_augment: JPEGs decoded by DataLoader workers (libjpeg-turbo),
+    # by threads of the training process (threads: workers only read bytes) or with nvjpeg
+    decode_threads: int = 0  # device_decode threads: how many (0: the CPU cores less the workers, at least 2)
     device_cache: str = "auto"  # with gpu_augment: decode the split once into device memory (auto: when it fits)
     device_cache_gb: float = 4.0  # the most device memory the cache may take, per process
 
@@ -99,7 +101,7 @@ class PretrainConfig:
             "lr_schedule": ("cosine", "step"),
             "augmentation": ("v1", "v2", "cifar"),
             "gpu_augment": ("auto", "on", "off"),
-            "device_decode": ("workers", "nvjpeg"),
+            "device_decode": ("workers", "threads", "nvjpeg"),
             "device_cache": ("auto", "on", "off"),
             "report_to": ("tensorboard", "wandb", "all", "none"),
         }
@@ -110,7 +112,7 @@ class PretrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "save_steps", "knn_every_epochs", "warmup_epochs", "shuffle_buffer",
-                     "profile_steps"):
+                     "profile_steps", "decode_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.device_cache_gb > 0:

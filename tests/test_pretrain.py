@@ -216,7 +216,7 @@ def test_lr_schedules():
     assert warm[0] == pytest.approx(0.01) and warm[9] == pytest.approx(0.1) and warm[10] == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("decode", ["workers", "nvjpeg"])
+@pytest.mark.parametrize("decode", ["workers", "threads", "nvjpeg"])
 def test_batched_device_path_on_cpu(tmp_path, decode):
     """gpu_augment on (here on the CPU): chunks of decoded images or raw bytes, joined into full batches,
     corrupt files skipped and counted, training runs."""
@@ -308,13 +308,14 @@ def test_cached_views_epochs_are_permutations_and_resume_exactly():
     assert [other_rank.next(step)[0].tolist() for step in range(3)] != seen[:3]
 
 
-def test_device_cache_training_resumes_exactly_and_counts_corrupt_images(tmp_path):
-    """gpu_augment on with the split cached in (here CPU) memory: 6 straight steps == 3 + resume + 3."""
+@pytest.mark.parametrize("decode", ["workers", "threads"])
+def test_device_cache_training_resumes_exactly_and_counts_corrupt_images(tmp_path, decode):
+    """gpu_augment on with the split cached in (here CPU) memory: 6 straight steps == 1 + resume + 5."""
     root = make_image_folder(tmp_path / "data", per_class=8)
     (root / "train" / "class1" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     common = ["--train_dir", str(root), "--max_steps", "6", "--batch_size", "8", "--queue_size", "32",
               "--eval_split", "none", "--gpu_augment", "on", "--device_cache", "on", "--num_workers", "1",
-              "--bn_splits", "2"]
+              "--bn_splits", "2", "--device_decode", decode]
     straight = pretrain.train(tiny_config(tmp_path / "a", *common))
     assert straight.metrics["skipped_images"] == 1
     assert (straight.state.data_epoch, straight.state.batches_in_epoch) == (1, 3)  # 24 images: 3 batches/epoch
@@ -451,3 +452,27 @@ def test_profile_steps_writes_where_the_time_went(tmp_path):
     table = (folder / "ops_by_host_time.txt").read_text()
     assert table.startswith("2 steps from step 2") and "aten::convolution" in table
     assert (folder / "ops_by_device_time.txt").is_file() and (folder / "trace.json").stat().st_size > 0
+
+
+def test_thread_decoder_matches_the_workers_decode():
+    """Threads decode into one buffer: the same pixels as `collate_encoded` of worker-decoded images, bad ones
+    skipped and counted (PNG, JPEG, grey, RGBA, junk)."""
+    import io
+
+    from moco_hf.data import ThreadDecoder, collate_encoded
+    from torchvision.io import ImageReadMode, decode_image
+
+    g = torch.Generator().manual_seed(0)
+    encoded = []
+    for i, (mode, fmt) in enumerate([("RGB", "PNG"), ("L", "PNG"), ("RGBA", "PNG"), ("RGB", "JPEG")] * 3):
+        array = torch.randint(0, 255, (7 + i, 5 + 2 * i, 3), generator=g, dtype=torch.uint8).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(array).convert(mode).save(buffer, format=fmt)
+        encoded.append(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8))
+    junk = [torch.frombuffer(bytearray(b"not an image"), dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+    decoder = ThreadDecoder(3)
+    chunk, skipped = decoder.decode(encoded[:5] + junk + encoded[5:], torch.device("cpu"))
+    decoder.close()
+    expected = [decode_image(e, mode=ImageReadMode.RGB) for e in encoded]
+    reference, _ = ImageChunk.from_chunk(collate_encoded([(image, 0) for image in expected]), torch.device("cpu"))
+    assert skipped == 2 and torch.equal(chunk.sizes, reference.sizes) and torch.equal(chunk.pixels, reference.pixels)
