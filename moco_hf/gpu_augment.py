@@ -319,8 +319,8 @@ def hflip(images: Tensor, flip: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class RandomHorizontalFlip:
-    """Mirror each sample left-right with probability p."""
+class _RandomApply:
+    """An op applied to each sample with probability p: its parameters are N bools, one U[0, 1) draw each."""
 
     p: float = 0.5
 
@@ -334,6 +334,13 @@ class RandomHorizontalFlip:
 
     def from_uniforms(self, u: Tensor) -> Tensor:
         return u[:, 0] < self.p  # N bools: the `torch.rand(1) < p` test of torchvision's Random* ops
+
+
+@dataclass(frozen=True)
+class RandomHorizontalFlip(_RandomApply):
+    """Mirror each sample left-right with probability p."""
+
+    p: float = 0.5
 
     def apply(self, images: Tensor, flip: Tensor) -> Tensor:
         return hflip(images, flip)
@@ -498,21 +505,10 @@ class ColorJitter:
 
 
 @dataclass(frozen=True)
-class RandomGrayscale:
+class RandomGrayscale(_RandomApply):
     """Replace each sample by its luma, replicated to 3 channels, with probability p (0.2 in MoCo)."""
 
     p: float = 0.2
-
-    def __post_init__(self):
-        _check_probability("p", self.p)
-
-    num_uniforms = 1
-
-    def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        return self.from_uniforms(_uniforms(n, 1, device, generator))
-
-    def from_uniforms(self, u: Tensor) -> Tensor:
-        return u[:, 0] < self.p  # N bools
 
     def apply(self, images: Tensor, grayscale: Tensor) -> Tensor:
         return torch.where(_per_sample(grayscale), rgb_to_grayscale(images).expand_as(images), images)
