@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +21,8 @@ from moco_hf.training import load_config
 out = sys.argv[1]
 cfg = load_config(None, ["--backbone", "test_resnet", "--embed_dim", "16", "--queue_size", "64",
                          "--batch_size", "16", "--max_steps", "3", "--log_steps", "1", "--report_to", "none",
-                         "--eval_split", "none", "--num_shards", "4", "--output_dir", out, "--save_steps", "3"])
+                         "--eval_split", "none", "--num_shards", "4", "--output_dir", out, "--save_steps", "3",
+                         *sys.argv[2:]])
 result = pretrain.train(cfg)
 rank = int(os.environ["RANK"])
 torch.save({{"queue": result.model.queue, "ptr": result.model.queue_ptr,
@@ -45,17 +47,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_run(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--gpu_augment", "on", "--device_cache", "on", "--bn_splits", "2"]],
+                         ids=["cpu_augment", "device_cache"])
+def test_two_process_run(tmp_path, extra):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=ROOT))
     out = tmp_path / "out"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(driver), str(out)]
+           "--master_port", str(free_port()), str(driver), str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "global batch 16 = 2 x 8" in proc.stdout
+    assert ("device cache:" in proc.stdout) == bool(extra)  # both processes cached their part, or neither
 
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])
