@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of BENCHMARKS.md, for a lent GPU machine, in one call:
-#   bash benchmarks/gpu_suite.sh [step] [augment] [r50] [r50threads] [cifar]   (default: all, about 12 min on an H100)
+#   bash benchmarks/gpu_suite.sh [step] [augment] [r50] [r50threads] [cifar]   (default: all, about 10 min on an H100)
+# A lent machine runs one command for at most 10 minutes: use two calls on the warm machine,
+#   bash benchmarks/gpu_suite.sh step augment r50      then      bash benchmarks/gpu_suite.sh r50threads cifar
 # Its Python has torch, timm, transformers and accelerate but not `datasets`: carry wheels in .whl/ first, here:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
