@@ -526,7 +526,8 @@ def split_encoded(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor
 
 
 class ImageChunk(NamedTuple):
-    """Decoded images of any sizes on the device, pixel after pixel: image n is `pixels[starts[n]:][:H_n * W_n]`."""
+    """Decoded images of any sizes on the device, pixel after pixel: image n is the H_n * W_n rows of `pixels`
+    after those of images 0..n-1, in row-major order."""
 
     pixels: torch.Tensor  # P x 3 uint8 (RGB per pixel), on the device
     sizes: torch.Tensor  # N x 2 int64 (H, W), on the CPU

@@ -58,7 +58,8 @@ class PretrainConfig:
     gpu_augment: str = "auto"  # auto (GPU when training on CUDA), on, off
     device_decode: str = "workers"  # with gpu_augment: JPEGs decoded by DataLoader workers (libjpeg-turbo),
     # by threads of the training process (threads: workers only read bytes) or with nvjpeg
-    decode_threads: int = 0  # device_decode threads: how many (0: the CPU cores less the workers, at least 2)
+    decode_threads: int = 0  # device_decode threads: how many (0: the CPU cores less the workers, at least 2);
+    # the workers then only read bytes, so 2-4 of them are enough
     device_cache: str = "auto"  # with gpu_augment: decode the split once into device memory (auto: when it fits)
     device_cache_gb: float = 4.0  # the most device memory the cache may take, per process
 
