@@ -565,8 +565,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
         if state.step % cfg.log_steps == 0 or state.step == stop_at:
             # One host sync per log window, not per step.
             reduced = accelerator.reduce(sums / window_steps, reduction="mean").tolist()
-            skipped_all = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), "sum").item())
-            state.skipped_images += skipped_all
+            skipped_all, skipped = count_skipped(accelerator, state, skipped), 0
             elapsed = time.perf_counter() - window_start
             log = {"loss": reduced[0], "contrastive_acc": 100 * reduced[1],
                    "lr": scheduler.get_last_lr()[0], "images_per_s": window_steps * cfg.batch_size / elapsed,
@@ -582,7 +581,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
             if skipped_all:
                 logger.warning("skipped %d corrupt images (%d in total)", skipped_all, state.skipped_images)
             sums.zero_()
-            window_steps, window_start, skipped = 0, time.perf_counter(), 0
+            window_steps, window_start = 0, time.perf_counter()
             if timed_from is None:
                 timed_from, timed_data_time = (state.step, window_start), 0.0
             elif state.step > timed_from[0]:
@@ -608,9 +607,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
             position = torch.tensor([[state.data_epoch, state.batches_in_epoch, views.position_unit]],
                                     device=accelerator.device)
             state.positions = accelerator.gather(position).tolist()
-            # corrupt images met since the last log go into the checkpoint too
-            state.skipped_images += int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device),
-                                                           "sum").item())
+            count_skipped(accelerator, state, skipped)  # corrupt images since the last log go into the checkpoint too
             skipped = 0
             path = save_checkpoint(accelerator, cfg.output_dir, state.step, cfg.save_total_limit)
             accelerator.print(f"\nsaved {path}")
@@ -629,6 +626,13 @@ def train(cfg: PretrainConfig) -> TrainResult:
     metrics = finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics, stats)
     accelerator.end_training()
     return TrainResult(metrics, unwrapped, state)
+
+
+def count_skipped(accelerator, state: TrainState, skipped: int) -> int:
+    """Add the corrupt images every process met since the last count to `state`; returns their sum."""
+    total = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), "sum").item())
+    state.skipped_images += total
+    return total
 
 
 def finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics, stats) -> dict:

@@ -296,9 +296,14 @@ class MoCoEncoder(nn.Module):
             self._set_bn_splits(1)
 
     def _set_bn_splits(self, splits: int) -> None:
-        for module in self.modules():
-            if isinstance(module, SplitBatchNorm2d):
-                module.num_splits = splits
+        for module in self._split_bns():
+            module.num_splits = splits
+
+    def _split_bns(self) -> list[SplitBatchNorm2d]:
+        """The split BatchNorms, found once (this runs twice per encoder call)."""
+        if getattr(self, "_split_bn_cache", None) is None:
+            self._split_bn_cache = [m for m in self.modules() if isinstance(m, SplitBatchNorm2d)]
+        return self._split_bn_cache
 
     def forward_all(self, pixel_values: torch.Tensor, splits: int = 1):
         """(unpooled features, pooled features, projection). `splits` > 1: in train mode BatchNorm normalises each
