@@ -10,6 +10,12 @@ Run it:
     python benchmarks/bench_model_step.py --backbone resnet50 --batch 256 --image-size 224 \\
         --queue-size 65536 --amp --channels-last             # one GPU; the paper's global batch (it used 8 GPUs)
     python benchmarks/bench_model_step.py --backbone resnet50 --batch 128 --image-size 224 --compile --amp
+    python benchmarks/bench_model_step.py --backbone cifar_resnet18 --batch 512 --image-size 32 --bn-splits 8 \
+        --amp --channels-last --compile --baseline-fp32         # the CIFAR-10 demo's step (split BN, one GPU)
+
+With `--bn-splits` > 1 the official-style model is the CIFAR-10 demo's: its `SplitBatchNorm` (one `batch_norm` call
+over a view with `bn_splits` x C channels, interleaved chunks) and a permutation of the key batch in place of
+shuffle BN across GPUs; moco_hf runs `bn_splits` in its config (`SplitBatchNorm2d`, contiguous chunks).
 """
 
 import argparse
@@ -24,14 +30,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco_hf import MoCoConfig, MoCoModel
+from moco_hf.modeling_moco import SplitBatchNorm2d
+
+
+class DemoSplitBatchNorm(nn.BatchNorm2d):
+    """The CIFAR-10 demo's split BatchNorm: the batch viewed as N/g x (g*C) x H x W, one `batch_norm` call, running
+    statistics repeated per split and averaged back. The view needs a contiguous (NCHW) input."""
+
+    def __init__(self, bn: nn.BatchNorm2d, num_splits: int):
+        super().__init__(bn.num_features, eps=bn.eps, momentum=bn.momentum, device=bn.weight.device)
+        self.load_state_dict(bn.state_dict())
+        self.num_splits = num_splits
+
+    def forward(self, input):
+        if not self.training:
+            return super().forward(input)
+        n, c, h, w = input.shape
+        g = self.num_splits
+        mean_split, var_split = self.running_mean.repeat(g), self.running_var.repeat(g)
+        out = F.batch_norm(input.contiguous().view(-1, c * g, h, w), mean_split, var_split, self.weight.repeat(g),
+                           self.bias.repeat(g), True, self.momentum, self.eps).view(n, c, h, w)
+        self.running_mean.data.copy_(mean_split.view(g, c).mean(dim=0))
+        self.running_var.data.copy_(var_split.view(g, c).mean(dim=0))
+        return out
+
+
+def demo_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Every `nn.BatchNorm2d` (or moco_hf `SplitBatchNorm2d`) of `module` replaced by a `DemoSplitBatchNorm` (same values)."""
+    for name, child in module.named_children():
+        if type(child) in (nn.BatchNorm2d, SplitBatchNorm2d):
+            setattr(module, name, DemoSplitBatchNorm(child, num_splits))
+        else:
+            demo_split_bn(child, num_splits)
+    return module
 
 
 class OfficialStyleMoCo(nn.Module):
     """MoCo as written in the official `builder.py`, single process (no DDP, hence no shuffle BN)."""
 
-    def __init__(self, encoder_q: nn.Module, queue_kxc: torch.Tensor, momentum: float, tau: float):
+    def __init__(self, encoder_q: nn.Module, queue_kxc: torch.Tensor, momentum: float, tau: float,
+                 shuffle_keys: bool = False):
         super().__init__()
-        self.m, self.T = momentum, tau
+        self.m, self.T, self.shuffle_keys = momentum, tau, shuffle_keys
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)
         for param_k in self.encoder_k.parameters():
@@ -56,7 +96,12 @@ class OfficialStyleMoCo(nn.Module):
         q = nn.functional.normalize(self.encoder_q(im_q), dim=1)  # N x C
         with torch.no_grad():
             self._momentum_update_key_encoder()
-            k = nn.functional.normalize(self.encoder_k(im_k), dim=1)  # N x C
+            if self.shuffle_keys:  # the demo's `_batch_shuffle_single_gpu` and its inverse
+                idx_shuffle = torch.randperm(im_k.shape[0], device=im_k.device)
+                k = self.encoder_k(im_k[idx_shuffle])[torch.argsort(idx_shuffle)]
+            else:
+                k = self.encoder_k(im_k)
+            k = nn.functional.normalize(k, dim=1)  # N x C
         l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)  # N x 1
         l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])  # N x K
         logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # N x (1+K)
@@ -73,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="images per step (default: 32)")
     p.add_argument("--image-size", type=int, default=64, help="square input size in pixels (default: 64)")
     p.add_argument("--queue-size", type=int, default=4096, help="K; a multiple of --batch (default: 4096)")
+    p.add_argument("--bn-splits", type=int, default=1,
+                   help="split BatchNorm over this many chunks of the batch, as the CIFAR-10 demo (default: 1)")
     p.add_argument("--embed-dim", type=int, default=128, help="embedding dimension (default: 128)")
     p.add_argument("--steps", type=int, default=1, help="timed steps per repeat and implementation (default: 1)")
     p.add_argument("--repeats", type=int, default=15, help="interleaved repeats; the median is reported (default: 15)")
@@ -106,10 +153,14 @@ def main(argv=None) -> None:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     config = MoCoConfig(
-        backbone=args.backbone, embed_dim=args.embed_dim, queue_size=args.queue_size, momentum=0.999, tau=0.2
+        backbone=args.backbone, embed_dim=args.embed_dim, queue_size=args.queue_size, momentum=0.999, tau=0.2,
+        bn_splits=args.bn_splits,
     )
     ours = MoCoModel(config).to(device, memory_format=memory_format).train()
-    official = OfficialStyleMoCo(copy.deepcopy(ours.query_encoder), ours.queue, config.momentum, config.tau)
+    encoder_q = copy.deepcopy(ours.query_encoder)
+    if args.bn_splits > 1:  # the demo's split BN in place of moco_hf's (same values)
+        encoder_q = demo_split_bn(encoder_q, args.bn_splits)
+    official = OfficialStyleMoCo(encoder_q, ours.queue, config.momentum, config.tau, shuffle_keys=args.bn_splits > 1)
     base_format = torch.contiguous_format if args.baseline_fp32 else memory_format
     official = official.to(device, memory_format=base_format).train()
     if args.compile:  # the encoders, as pretrain.py does; the queue logic stays eager in both
@@ -159,7 +210,7 @@ def main(argv=None) -> None:
     print(
         f"device {device} ({where}); "
         f"torch {torch.__version__}; {args.backbone}, batch {args.batch} x {args.image_size}px, K={args.queue_size}, "
-        f"amp={args.amp}, channels_last={args.channels_last}, compile={args.compile}"
+        f"amp={args.amp}, channels_last={args.channels_last}, compile={args.compile}, bn_splits={args.bn_splits}"
     )
     first_losses, peak = {}, {}
     for name, step in steps.items():  # warm-up; the first step of both starts from identical state
@@ -175,7 +226,8 @@ def main(argv=None) -> None:
             peak[name] = torch.cuda.max_memory_allocated(device) / 2**30
     sync()
     a, b = first_losses.values()
-    print(f"first-step losses: {a:.6f} vs {b:.6f} (|diff| {abs(a - b):.2e})")
+    differ = " (bn_splits > 1: other chunks and key permutation, so not equal)" if args.bn_splits > 1 else ""
+    print(f"first-step losses: {a:.6f} vs {b:.6f} (|diff| {abs(a - b):.2e}){differ}")
 
     times = {name: [] for name in steps}
     order = list(steps)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of BENCHMARKS.md, for a lent GPU machine, in one call:
-#   bash benchmarks/gpu_suite.sh [step] [augment] [r50] [r50threads] [cifar]   (default: all, about 10 min on an H100)
+#   bash benchmarks/gpu_suite.sh [step] [cifarstep] [augment] [r50] [r50threads] [cifar]   (default: all, ~12 min on an H100)
 # A lent machine runs one command for at most 10 minutes: use two calls on the warm machine,
-#   bash benchmarks/gpu_suite.sh step augment r50      then      bash benchmarks/gpu_suite.sh r50threads cifar
+#   bash benchmarks/gpu_suite.sh step cifarstep augment r50      then      bash benchmarks/gpu_suite.sh r50threads cifar
 # Its Python has torch, timm, transformers and accelerate but not `datasets`: carry wheels in .whl/ first, here:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}; mkdir -p "$out"
-sections=${*:-step augment r50 r50threads cifar}
+sections=${*:-step cifarstep augment r50 r50threads cifar}
 if [ -d .whl ] && [ -z "${SMOKE:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -41,6 +41,7 @@ if [ -n "${SMOKE:-}" ]; then  # toy sizes
   cifar=(--images 256 --unique 32 --width 32 --height 32 --size 32 --batch 32 --backbone test_resnet --steps 8
          --batches 4 --bn_splits 8)
   step=(--backbone test_resnet --batch 16 --image-size 32 --queue-size 64 --steps 1 --repeats 2)
+  cifarstep=(--backbone test_resnet --batch 16 --image-size 32 --queue-size 64 --steps 1 --repeats 2 --bn-splits 8)
   augment=(--batch 8 --size 32 --iters 2 --height 48 --width 64)
   big=600; workers=1
 else
@@ -51,6 +52,9 @@ else
   cifar=(--images 50000 --unique 2048 --width 32 --height 32 --size 32 --batch 512 --backbone cifar_resnet18
          --steps 160 --batches 40 --bn_splits 8)
   step=(--backbone resnet50 --batch 256 --image-size 224 --queue-size 65536 --steps 3 --repeats 6)
+  # the CIFAR-10 demo's step: ResNet-18 (3x3 stem), batch 512, K 4096, split BN over 8 chunks
+  cifarstep=(--backbone cifar_resnet18 --batch 512 --image-size 32 --queue-size 4096 --steps 10 --repeats 6
+             --bn-splits 8)
   augment=()
   big=300
 fi
@@ -59,6 +63,11 @@ for section in $sections; do
     step)  # model step: official-style fp32 baseline vs moco_hf bf16 + channels_last + torch.compile
       run step_r50_compile $big $py benchmarks/bench_model_step.py "${step[@]}" --amp --channels-last --compile \
         --baseline-fp32 ;;
+    cifarstep)  # the CIFAR step alone: the demo's code in fp32 vs moco_hf compiled; then moco_hf without split BN
+      run step_cifar_compile $big $py benchmarks/bench_model_step.py "${cifarstep[@]}" --amp --channels-last \
+        --compile --baseline-fp32 --cudnn-benchmark
+      run step_cifar_compile_nosplit $big $py benchmarks/bench_model_step.py "${cifarstep[@]}" --bn-splits 1 \
+        --amp --channels-last --compile --cudnn-benchmark ;;
     augment)  # the batched v2 augmentation alone, eager vs compiled, 256 images of 500 x 375
       run augment_v2 $big $py benchmarks/bench_augment.py "${augment[@]}" ;;
     r50)  # pretrain.py end to end from JPEG bytes: workers decode, the device augments, compiled encoders
@@ -71,6 +80,6 @@ for section in $sections; do
       run e2e_cifar_cache_compile $big $py benchmarks/bench_pipeline.py "${cifar[@]}" --preset cifar \
         --workers $workers --mixed_precision bf16 --channels_last --compile --paths cache --profile_steps 3 \
         --profile_out "$out" ;;
-    *) echo "unknown section $section (step, augment, r50, r50threads, cifar)"; exit 2 ;;
+    *) echo "unknown section $section (step, cifarstep, augment, r50, r50threads, cifar)"; exit 2 ;;
   esac
 done
