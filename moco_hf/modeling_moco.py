@@ -122,6 +122,73 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _split_batch_norm_ops(
+    input: torch.Tensor, num_splits: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split batch norm as plain autograd ops, the formulation used under `torch.compile` (Inductor fuses it).
+    Returns (output in the input's dtype and memory format, per-split mean, per-split biased var: g x 1 x C x 1 x 1)."""
+    n, g = input.shape[0], num_splits
+    # A view also for channels_last inputs; statistics in fp32 under autocast, as the fused kernels do.
+    x = input.unflatten(0, (g, n // g)).to(torch.promote_types(input.dtype, torch.float32))  # g x N/g x C x H x W
+    var, mean = torch.var_mean(x, dim=(1, 3, 4), correction=0, keepdim=True)  # g x 1 x C x 1 x 1
+    scale = torch.rsqrt(var + eps)  # g x 1 x C x 1 x 1
+    if weight is not None:
+        scale = scale * weight.view(1, 1, -1, 1, 1)
+    shift = -mean * scale if bias is None else bias.view(1, 1, -1, 1, 1) - mean * scale
+    # (x - mean) / sqrt(var + eps) * weight + bias, as one pass over x: x * scale + shift.
+    output = torch.addcmul(shift, x, scale).flatten(0, 1)  # N x C x H x W, in the input's memory format
+    return output.to(input.dtype), mean, var
+
+
+class _SplitBatchNormFn(torch.autograd.Function):
+    """Split batch norm with a hand-written backward, for eager mode: saves for backward only the input in its own
+    dtype, the fp32 per-split mean and invstd (g x C) and the weight, as `nn.BatchNorm2d` does, where the plain ops of
+    [`_split_batch_norm_ops`] make autograd keep an fp32 copy of the input (and more) under bf16 autocast.
+    Returns (output: g x N/g x C x H x W, mean, var); mean and var are not differentiable. The output is unflattened
+    to the splits (the caller flattens it) as a custom Function's outputs must not be views for in-place ops to
+    work on them."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, num_splits: int, eps: float):
+        n, g = input.shape[0], num_splits
+        # fp32 (or wider) statistics; the upcast copy is freed when forward returns.
+        x = input.unflatten(0, (g, n // g)).to(torch.promote_types(input.dtype, torch.float32))  # g x N/g x C x H x W
+        var, mean = torch.var_mean(x, dim=(1, 3, 4), correction=0, keepdim=True)  # g x 1 x C x 1 x 1
+        invstd = torch.rsqrt(var + eps)  # g x 1 x C x 1 x 1
+        scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1, 1)
+        shift = -mean * scale if bias is None else bias.view(1, 1, -1, 1, 1) - mean * scale
+        output = torch.addcmul(shift, x, scale).to(input.dtype)  # g x N/g x C x H x W, in the input's format
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.num_splits, ctx.bias_dtype = g, None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return output, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, _grad_mean, _grad_var):
+        input, weight, mean, invstd = ctx.saved_tensors
+        n, g = input.shape[0], ctx.num_splits
+        dtype = mean.dtype
+        x = input.unflatten(0, (g, n // g)).to(dtype)  # g x N/g x C x H x W
+        dout = grad_output.to(dtype)  # g x N/g x C x H x W
+        xhat = (x - mean) * invstd  # g x N/g x C x H x W
+        sum_dout = dout.sum(dim=(1, 3, 4), keepdim=True)  # g x 1 x C x 1 x 1
+        sum_dout_xhat = (dout * xhat).sum(dim=(1, 3, 4), keepdim=True)  # g x 1 x C x 1 x 1
+
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # With dy = dout * weight: invstd * (dy - mean_split(dy) - xhat * mean_split(dy * xhat)), per split.
+            per_split = x.shape[1] * x.shape[3] * x.shape[4]  # values per channel in one split
+            scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1, 1)  # g x 1 x C x 1 x 1
+            centred = dout - sum_dout / per_split - xhat * (sum_dout_xhat / per_split)
+            grad_input = (centred * scale).flatten(0, 1).to(input.dtype)  # N x C x H x W
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_dout_xhat.sum(0).view(-1).to(weight.dtype)  # C
+        if ctx.needs_input_grad[2]:
+            grad_bias = sum_dout.sum(0).view(-1).to(ctx.bias_dtype)  # C
+        return grad_input, grad_weight, grad_bias, None, None
+
+
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that normalises each of `num_splits` equal chunks of the batch with that chunk's own statistics,
     in one pass over the batch: what `num_splits` GPUs with a chunk each would compute.
@@ -136,6 +203,10 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     Splits in train mode (or without running statistics) while `num_splits` > 1; otherwise it is exactly
     `nn.BatchNorm2d`, so in eval mode it uses the running statistics of the whole module. Parameters, buffers and
     state-dict keys are those of `nn.BatchNorm2d`.
+
+    In eager mode the split path is an autograd Function with its own backward, for memory: autograd then keeps only
+    the input in its own dtype and fp32 per-split mean and invstd, as `nn.BatchNorm2d`, not an fp32 copy of each
+    bf16 input (twice its bytes) and other intermediates. Under `torch.compile` it is plain ops, which Inductor fuses.
     """
 
     def __init__(self, num_features: int, num_splits: int = 1, **kwargs):
@@ -162,15 +233,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
                 f"in {g} splits"
             )
 
-        # A view also for channels_last inputs; statistics in fp32 under autocast, as the fused kernels do.
-        x = input.unflatten(0, (g, n // g)).to(torch.promote_types(input.dtype, torch.float32))  # g x N/g x C x H x W
-        var, mean = torch.var_mean(x, dim=(1, 3, 4), correction=0, keepdim=True)  # g x 1 x C x 1 x 1
-        scale = torch.rsqrt(var + self.eps)  # g x 1 x C x 1 x 1
-        if self.weight is not None:
-            scale = scale * self.weight.view(1, 1, -1, 1, 1)
-        shift = -mean * scale if self.bias is None else self.bias.view(1, 1, -1, 1, 1) - mean * scale
-        # (x - mean) / sqrt(var + eps) * weight + bias, as one pass over x: x * scale + shift.
-        output = torch.addcmul(shift, x, scale).flatten(0, 1)  # N x C x H x W, in the input's memory format
+        if torch.compiler.is_compiling():
+            output, mean, var = _split_batch_norm_ops(input, g, self.weight, self.bias, self.eps)
+        else:
+            output, mean, var = _SplitBatchNormFn.apply(input, self.weight, self.bias, g, self.eps)
+            output = output.flatten(0, 1)  # N x C x H x W, in the input's memory format
 
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -179,7 +246,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             split_var = var.detach() * (per_split / (per_split - 1))  # unbiased, as BatchNorm's running_var
             self.running_mean.mul_(1 - factor).add_(mean.detach().mean(0).view(-1) * factor)
             self.running_var.mul_(1 - factor).add_(split_var.mean(0).view(-1) * factor)
-        return output.to(input.dtype)
+        return output
 
 
 def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:

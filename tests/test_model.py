@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForImageClassification
 
 from moco_hf import MoCoConfig, MoCoForImageClassification, MoCoModel, enqueue, info_nce_logits, info_nce_loss
-from moco_hf.modeling_moco import MoCoEncoder, SplitBatchNorm2d, convert_split_batchnorm
+from moco_hf.modeling_moco import MoCoEncoder, SplitBatchNorm2d, _split_batch_norm_ops, convert_split_batchnorm
 
 BACKBONES = ["test_resnet", "test_vit", "test_convnext"]
 BATCH = 6  # does not divide QUEUE: the pointer wraps around mid-batch
@@ -531,6 +531,85 @@ def test_split_batchnorm_matches_per_chunk_batchnorm(memory_format, momentum):
         torch.testing.assert_close(bn.weight.grad, weight.grad, **TOL)
         torch.testing.assert_close(bn.bias.grad, bias.grad, **TOL)
         weight.grad = bias.grad = None
+
+
+def random_split_batchnorm(channels: int, splits: int, seed: int = 0, **kwargs) -> SplitBatchNorm2d:
+    """A SplitBatchNorm2d in train mode with random weight and bias (when affine)."""
+    bn = SplitBatchNorm2d(channels, splits, **kwargs).train()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in bn.parameters():
+            p.copy_(torch.randn(channels, generator=g, dtype=p.dtype))
+    return bn
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_batchnorm_gradcheck(splits, affine):
+    """The eager path's hand-written backward against finite differences, in float64."""
+    bn = random_split_batchnorm(3, splits, affine=affine, track_running_stats=False, dtype=torch.float64)
+    params = {name: p.detach().clone().requires_grad_() for name, p in bn.named_parameters()}
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 + 1
+    x.requires_grad_()
+
+    def split_bn(x, *values):
+        return torch.func.functional_call(bn, dict(zip(params, values)), (x,))
+
+    assert torch.autograd.gradcheck(split_bn, (x, *params.values()))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_split_batchnorm_function_matches_plain_ops(memory_format, affine):
+    """Eager mode (the autograd Function) computes what the plain ops used under torch.compile compute."""
+    splits, channels = 2, 4
+    bn = random_split_batchnorm(channels, splits, affine=affine)
+    params = [p.detach().clone().requires_grad_() for p in (bn.weight, bn.bias)] if affine else [None, None]
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(6, channels, 5, 3, generator=g) * 3 + 2).contiguous(memory_format=memory_format)
+    x_ref = x.detach().clone().requires_grad_()
+    x.requires_grad_()
+    upstream = torch.randn(6, channels, 5, 3, generator=g)
+
+    out = bn(x)
+    expected = _split_batch_norm_ops(x_ref, splits, *params, bn.eps)[0]
+    assert out.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(out, expected, **TOL)
+    (out * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, **TOL)
+    for p, ref in zip(bn.parameters(), params):
+        torch.testing.assert_close(p.grad, ref.grad, **TOL)
+
+
+def split_batchnorm_saved_tensors(forward, x: torch.Tensor) -> list[tuple[torch.dtype, int]]:
+    """(dtype, number of elements) of each tensor that autograd saves for backward in `forward(x)`."""
+    saved = []
+
+    def pack(tensor):
+        saved.append((tensor.dtype, tensor.numel()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward(x)
+    return saved
+
+
+def test_split_batchnorm_saves_only_bf16_input_and_per_channel_stats():
+    """As nn.BatchNorm2d, autograd keeps the bf16 input and per-channel vectors, not an fp32 copy of the input."""
+    splits, channels = 2, 4
+    bn = random_split_batchnorm(channels, splits)
+    x = torch.randn(8, channels, 6, 6, generator=torch.Generator().manual_seed(1)).bfloat16().requires_grad_()
+    saved = split_batchnorm_saved_tensors(bn, x)
+    assert [s for s in saved if s[1] > splits * channels] == [(torch.bfloat16, x.numel())], saved
+    # The plain ops (the torch.compile path, where Inductor decides what to save) keep fp32 copies of the input.
+    plain = split_batchnorm_saved_tensors(lambda x: _split_batch_norm_ops(x, splits, bn.weight, bn.bias, bn.eps), x)
+    assert (torch.float32, x.numel()) in plain
+
+    out = F.relu(bn(x), inplace=True)  # in place, as timm's ReLU after a BatchNorm
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and bn.weight.grad.dtype == bn.bias.grad.dtype == torch.float32
 
 
 def test_split_batchnorm_is_batchnorm_in_eval_mode_and_with_one_split():
