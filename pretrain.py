@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -43,10 +42,11 @@ from moco_hf.data import (
     collate_two_views,
     load_source,
 )
-from moco_hf.gpu_augment import MoCoGPUAugment
 from moco_hf.evaluation import extract_features, knn_accuracy, record_metrics
+from moco_hf.gpu_augment import MoCoGPUAugment
 from moco_hf.training import (
     PretrainConfig,
+    StepProfiler,
     TrainState,
     load_config,
     lr_at,
@@ -54,6 +54,7 @@ from moco_hf.training import (
     save_checkpoint,
     save_config,
 )
+from moco_hf.views import BatchStream, CachedViews, CPUViews, GPUViews
 
 logger = logging.getLogger("pretrain")
 
@@ -188,56 +189,6 @@ def random_init_knn(cfg: PretrainConfig, loaders, device) -> float:
     return run_knn(fresh.get_backbone(), loaders, cfg, device)
 
 
-class BatchStream:
-    """Endless batches from the loader, epoch after epoch, that can start at a saved (epoch, batch) position."""
-
-    def __init__(self, dataset, loader, state: TrainState):
-        self.dataset, self.loader, self.state = dataset, loader, state
-        self.iterator = None
-
-    def _start_epoch(self, skip: int) -> None:
-        self.dataset.set_epoch(self.state.data_epoch)
-        self.iterator = iter(self.loader)
-        for _ in range(skip):  # replay to the saved position (augmentation RNG included)
-            if next(self.iterator, None) is None:
-                break
-
-    def next(self):
-        if self.iterator is None:
-            self._start_epoch(self.state.batches_in_epoch)
-        for _ in range(2):
-            batch = next(self.iterator, None)
-            if batch is not None:
-                self.state.batches_in_epoch += 1
-                return batch
-            self.state.data_epoch += 1
-            self.state.batches_in_epoch = 0
-            self._start_epoch(0)
-        raise ValueError("the training split yields no images: it is empty or every image is unreadable")
-
-
-class CPUViews:
-    """Views augmented by the DataLoader workers, joined into batches and moved to the device (pinned, non-blocking).
-
-    The batch is a whole number of chunks, so the data position (chunks taken) resumes exactly."""
-
-    def __init__(self, batches: BatchStream, device: torch.device, channels_last: bool, batch: int):
-        self.batches, self.device, self.channels_last, self.batch = batches, device, channels_last, batch
-        self.position_unit = batches.loader.batch_size  # images per item counted in the data position: a chunk
-
-    def next(self, step: int):
-        chunks = [self.batches.next()]
-        while sum(c[0].shape[0] for c in chunks) < self.batch:
-            chunks.append(self.batches.next())
-        view_q = torch.cat([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
-        view_k = torch.cat([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]
-        skipped = sum(c[2] for c in chunks)
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        view_q = view_q.to(self.device, non_blocking=True, memory_format=memory_format)
-        view_k = view_k.to(self.device, non_blocking=True, memory_format=memory_format)
-        return view_q, view_k, skipped
-
-
 def decode_threads(cfg: PretrainConfig) -> int:
     """`decode_threads`, or by default the CPU cores this process can use less the DataLoader workers (at least 2)."""
     if cfg.decode_threads > 0:
@@ -250,97 +201,6 @@ def make_gpu_augment(cfg: PretrainConfig, stats: dict) -> MoCoGPUAugment:
     crop_scale = (cfg.crop_min_scale, 1.0) if cfg.crop_min_scale is not None else None
     return MoCoGPUAugment(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"],
                           channels_last=cfg.channels_last, crop_scale=crop_scale, compile=cfg.compile)
-
-
-def join_chunks(chunks: list) -> tuple:
-    """One `collate_encoded` chunk out of several of the same kind."""
-    if len(chunks) == 1:
-        return chunks[0]
-    flats, shapes, skipped = zip(*chunks)
-    return torch.cat(flats), torch.cat(shapes), sum(skipped)
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """Seed of the device augmentation at `step`: a resumed run draws the same parameters as an uninterrupted one."""
-    return hash((seed, rank, step)) & 0x7FFF_FFFF_FFFF
-
-
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """Seed of the device cache's order in `epoch` (a hash that differs from every step seed)."""
-    digest = hashlib.blake2b(f"epoch {seed} {rank} {epoch}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF
-
-
-class GPUViews:
-    """Chunks decoded by the workers (or encoded, then decoded here with nvJPEG) and augmented as whole batches on the
-    device.
-
-    Images that fail to decode are counted; the batch is topped up from the next one, so every step (and every
-    process) gets exactly `batch` images. The augmentation generator is reseeded from (seed, rank, step) at each
-    step, so a resumed run draws the same parameters as an uninterrupted one.
-    """
-
-    def __init__(self, batches: BatchStream, device: torch.device, augment: MoCoGPUAugment, seed: int, rank: int,
-                 batch: int, decoder: ThreadDecoder | None = None):
-        self.batches, self.device, self.batch, self.seed, self.rank = batches, device, batch, seed, rank
-        self.augment, self.decoder = augment, decoder
-        self.position_unit = batches.loader.batch_size  # images per item counted in the data position: a chunk
-        self.generator = torch.Generator(device=device)
-        self.carry: list[ImageChunk] = []  # images beyond the last batch (when corrupt ones made a chunk short)
-
-    def next(self, step: int):
-        chunks, skipped = self.carry, 0
-        while (have := sum(len(c) for c in chunks)) < self.batch:
-            encoded = [self.batches.next()]
-            if self.decoder is not None:  # bytes: as many chunks as the batch still needs, decoded in one go
-                while sum(len(e[1]) for e in encoded) < self.batch - have:
-                    encoded.append(self.batches.next())
-            chunk, unreadable = ImageChunk.from_chunk(join_chunks(encoded), self.device, self.decoder)
-            chunks, skipped = chunks + [chunk], skipped + unreadable
-        images, rest = ImageChunk.join(chunks).split(self.batch)
-        self.carry = [rest] if len(rest) else []
-        self.generator.manual_seed(step_seed(self.seed, self.rank, step))
-        view_q, view_k = self.augment.two_views(images.packed(), generator=self.generator)
-        return view_q, view_k, skipped
-
-
-class CachedViews:
-    """Batches drawn from this process's part of the split, decoded once into device memory (`device_cache`).
-
-    Each epoch is a permutation of the cached images seeded by (seed, rank, epoch), cut into `batch`-sized batches
-    (the remainder is dropped); the augmentation is reseeded per step as in `GPUViews`. The position (epoch, batch)
-    is all a checkpoint needs, so a resumed run sees exactly the batches of an uninterrupted one.
-    """
-
-    def __init__(self, cache: DeviceImageCache, state: TrainState, augment: MoCoGPUAugment, seed: int, rank: int,
-                 batch: int):
-        if len(cache) < batch:
-            raise ValueError(f"this process has {len(cache)} readable training images, fewer than its batch of {batch}")
-        self.cache, self.state, self.augment, self.batch = cache, state, augment, batch
-        self.seed, self.rank = seed, rank
-        self.position_unit = batch  # images per item counted in the data position: a batch
-        self.device = cache.images.device
-        self.generator = torch.Generator(device=self.device)
-        self.order, self.order_epoch = None, None
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.cache) // self.batch
-
-    def next(self, step: int):
-        if self.state.batches_in_epoch >= self.batches_per_epoch:
-            self.state.data_epoch += 1
-            self.state.batches_in_epoch = 0
-        if self.order_epoch != self.state.data_epoch:
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.rank, self.state.data_epoch))
-            self.order = torch.randperm(len(self.cache), generator=generator).to(self.device)
-            self.order_epoch = self.state.data_epoch
-        start = self.state.batches_in_epoch * self.batch
-        images = self.cache.batch(self.order[start: start + self.batch])
-        self.state.batches_in_epoch += 1
-        self.generator.manual_seed(step_seed(self.seed, self.rank, step))
-        view_q, view_k = self.augment.two_views(images, generator=self.generator)
-        return view_q, view_k, 0
 
 
 def build_device_cache(cfg: PretrainConfig, dataset, loader, device: torch.device, expected_images: int | None,
@@ -379,51 +239,6 @@ def settle_device_cache(cfg: PretrainConfig, cache: DeviceImageCache | None, acc
                          f"{fits.numel()} processes does not fit in device_cache_gb={cfg.device_cache_gb:g}; raise "
                          "device_cache_gb or set device_cache auto/off")
     return None
-
-
-class StepProfiler:
-    """`profile_steps` > 0: torch.profiler over that many steps after the first log window (compilation and
-    warm-up done), on the main process. Writes output_dir/profile/: the ops by device time and by host time
-    (`ops_by_device_time.txt`, `ops_by_host_time.txt`) and a Chrome trace (`trace.json`, for Perfetto)."""
-
-    def __init__(self, cfg: PretrainConfig, step: int, accelerator):
-        self.first = step + cfg.log_steps
-        self.last = self.first + cfg.profile_steps
-        self.folder = os.path.join(cfg.output_dir, "profile")
-        self.enabled = accelerator.is_main_process
-        self.device_type = accelerator.device.type
-        self.profile = None
-
-    def before_step(self, step: int) -> None:
-        if self.enabled and step == self.first and self.profile is None:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if self.device_type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profile = torch.profiler.profile(activities=activities)
-            self.profile.__enter__()
-
-    def after_step(self, step: int) -> None:
-        if self.profile is None or step != self.last:
-            return
-        if self.device_type == "cuda":
-            torch.cuda.synchronize()
-        self.profile.__exit__(None, None, None)
-        os.makedirs(self.folder, exist_ok=True)
-        averages = self.profile.key_averages()
-        device_sort = "self_cuda_time_total" if self.device_type == "cuda" else "self_cpu_time_total"
-        header = f"{self.last - self.first} steps from step {self.first}\n"
-        for name, sort in (("ops_by_device_time.txt", device_sort), ("ops_by_host_time.txt", "self_cpu_time_total")):
-            with open(os.path.join(self.folder, name), "w") as f:
-                f.write(header + averages.table(sort_by=sort, row_limit=40, max_name_column_width=60))
-        self.profile.export_chrome_trace(os.path.join(self.folder, "trace.json"))
-        self.profile = None
-        logger.info("profile of steps %d-%d written to %s", self.first + 1, self.last, self.folder)
-
-    def close(self, step: int) -> None:
-        """Training ended inside the profiled steps: write what there is."""
-        if self.profile is not None:
-            self.last = step
-            self.after_step(step)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -65,20 +65,22 @@ def pipeline_throughput(cfg, gpu: bool, device: torch.device, batches: int) -> f
     """images/s of (view_q, view_k) batches ready on `device`, after warm-up batches (and the device cache's fill)."""
     import pretrain
     from accelerate import PartialState
+    from moco_hf.training import TrainState
+    from moco_hf.views import BatchStream, CachedViews, CPUViews, GPUViews
 
     state = PartialState()
     model = pretrain.build_model(cfg)
     stats = pretrain.data_stats(model)
     dataset, loader, _ = pretrain.build_train_loader(cfg, state, stats, gpu=gpu)
-    position = pretrain.TrainState()
-    stream = pretrain.BatchStream(dataset, loader, position)
+    position = TrainState()
+    stream = BatchStream(dataset, loader, position)
     cache = pretrain.build_device_cache(cfg, dataset, loader, device, None) if gpu else None
     if cache is not None:
-        views = pretrain.CachedViews(cache, position, pretrain.make_gpu_augment(cfg, stats), 0, 0, cfg.batch_size)
+        views = CachedViews(cache, position, pretrain.make_gpu_augment(cfg, stats), 0, 0, cfg.batch_size)
     elif gpu:
-        views = pretrain.GPUViews(stream, device, pretrain.make_gpu_augment(cfg, stats), 0, 0, cfg.batch_size)
+        views = GPUViews(stream, device, pretrain.make_gpu_augment(cfg, stats), 0, 0, cfg.batch_size)
     else:
-        views = pretrain.CPUViews(stream, device, cfg.channels_last, cfg.batch_size)
+        views = CPUViews(stream, device, cfg.channels_last, cfg.batch_size)
     for step in range(max(2, cfg.num_workers)):  # every worker has started and delivered once; compiled
         views.next(step)
     if device.type == "cuda":

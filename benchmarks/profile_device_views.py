@@ -28,7 +28,8 @@ def main() -> None:
     import pretrain
     from accelerate import PartialState
     from bench_pipeline import make_jpeg_dataset
-    from moco_hf.training import load_config
+    from moco_hf.training import TrainState, load_config
+    from moco_hf.views import BatchStream, GPUViews
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,7 +41,7 @@ def main() -> None:
         model = pretrain.build_model(cfg)
         stats = pretrain.data_stats(model)
         dataset, loader, _ = pretrain.build_train_loader(cfg, PartialState(), stats, gpu=True)
-        views = pretrain.GPUViews(pretrain.BatchStream(dataset, loader, pretrain.TrainState()), device,
+        views = GPUViews(BatchStream(dataset, loader, TrainState()), device,
                                   pretrain.make_gpu_augment(cfg, stats), 0, 0, args.batch)
         for step in range(max(3, args.workers)):
             views.next(step)

@@ -1,9 +1,10 @@
-"""Pieces of the pretraining loop used by `pretrain.py`: typed config, lr schedule, checkpoints."""
+"""Pieces of the pretraining loop used by `pretrain.py`: typed config, lr schedule, checkpoints, profiler."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -11,7 +12,10 @@ import shutil
 import typing
 from dataclasses import dataclass, field
 
+import torch
 import yaml
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -308,3 +312,48 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+class StepProfiler:
+    """`profile_steps` > 0: torch.profiler over that many steps after the first log window (compilation and
+    warm-up done), on the main process. Writes output_dir/profile/: the ops by device time and by host time
+    (`ops_by_device_time.txt`, `ops_by_host_time.txt`) and a Chrome trace (`trace.json`, for Perfetto)."""
+
+    def __init__(self, cfg: PretrainConfig, step: int, accelerator):
+        self.first = step + cfg.log_steps
+        self.last = self.first + cfg.profile_steps
+        self.folder = os.path.join(cfg.output_dir, "profile")
+        self.enabled = accelerator.is_main_process
+        self.device_type = accelerator.device.type
+        self.profile = None
+
+    def before_step(self, step: int) -> None:
+        if self.enabled and step == self.first and self.profile is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device_type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profile = torch.profiler.profile(activities=activities)
+            self.profile.__enter__()
+
+    def after_step(self, step: int) -> None:
+        if self.profile is None or step != self.last:
+            return
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        self.profile.__exit__(None, None, None)
+        os.makedirs(self.folder, exist_ok=True)
+        averages = self.profile.key_averages()
+        device_sort = "self_cuda_time_total" if self.device_type == "cuda" else "self_cpu_time_total"
+        header = f"{self.last - self.first} steps from step {self.first}\n"
+        for name, sort in (("ops_by_device_time.txt", device_sort), ("ops_by_host_time.txt", "self_cpu_time_total")):
+            with open(os.path.join(self.folder, name), "w") as f:
+                f.write(header + averages.table(sort_by=sort, row_limit=40, max_name_column_width=60))
+        self.profile.export_chrome_trace(os.path.join(self.folder, "trace.json"))
+        self.profile = None
+        logger.info("profile of steps %d-%d written to %s", self.first + 1, self.last, self.folder)
+
+    def close(self, step: int) -> None:
+        """Training ended inside the profiled steps: write what there is."""
+        if self.profile is not None:
+            self.last = step
+            self.after_step(step)

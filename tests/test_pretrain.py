@@ -288,11 +288,12 @@ def test_device_cache_packs_every_image_and_batches_are_views():
 
 def test_cached_views_epochs_are_permutations_and_resume_exactly():
     from moco_hf.training import TrainState
+    from moco_hf.views import CachedViews
 
     cache, _ = _tiny_cache()
     offsets = cache.images.offsets.tolist()
     state = TrainState()
-    views = pretrain.CachedViews(cache, state, _PassThrough(), seed=0, rank=0, batch=3)
+    views = CachedViews(cache, state, _PassThrough(), seed=0, rank=0, batch=3)
     assert views.batches_per_epoch == 3
     seen = [views.next(step)[0].tolist() for step in range(9)]  # 3 epochs
     epochs = [[i for batch in seen[e * 3:(e + 1) * 3] for i in batch] for e in range(3)]
@@ -302,9 +303,9 @@ def test_cached_views_epochs_are_permutations_and_resume_exactly():
     assert (state.data_epoch, state.batches_in_epoch) == (2, 3)
 
     resumed_state = TrainState(step=4, data_epoch=1, batches_in_epoch=1)  # after 4 batches
-    resumed = pretrain.CachedViews(cache, resumed_state, _PassThrough(), seed=0, rank=0, batch=3)
+    resumed = CachedViews(cache, resumed_state, _PassThrough(), seed=0, rank=0, batch=3)
     assert [resumed.next(step)[0].tolist() for step in range(4, 9)] == seen[4:]
-    other_rank = pretrain.CachedViews(cache, TrainState(), _PassThrough(), seed=0, rank=1, batch=3)
+    other_rank = CachedViews(cache, TrainState(), _PassThrough(), seed=0, rank=1, batch=3)
     assert [other_rank.next(step)[0].tolist() for step in range(3)] != seen[:3]
 
 

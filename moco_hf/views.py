@@ -1,0 +1,163 @@
+"""Where the pretraining loop's two views come from, one batch per call of `next(step)`.
+
+- `CPUViews`: views augmented by the DataLoader workers (PIL), joined into batches and copied to the device.
+- `GPUViews`: decoded images streamed in chunks (or JPEG bytes decoded here) and augmented on the device as whole
+  batches (`MoCoGPUAugment`).
+- `CachedViews`: the whole split decoded once into device memory (`DeviceImageCache`), permuted every epoch and
+  augmented on the device.
+
+Each returns (query view, key view, corrupt images skipped) and keeps its place in the data in `TrainState`
+(`data_epoch`, `batches_in_epoch`, counted in units of `position_unit` images), so a checkpoint resumes the data
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .data import DeviceImageCache, ImageChunk, ThreadDecoder
+from .gpu_augment import MoCoGPUAugment
+from .training import TrainState
+
+
+class BatchStream:
+    """Endless batches from the loader, epoch after epoch, that can start at a saved (epoch, batch) position."""
+
+    def __init__(self, dataset, loader, state: TrainState):
+        self.dataset, self.loader, self.state = dataset, loader, state
+        self.iterator = None
+
+    def _start_epoch(self, skip: int) -> None:
+        self.dataset.set_epoch(self.state.data_epoch)
+        self.iterator = iter(self.loader)
+        for _ in range(skip):  # replay to the saved position (augmentation RNG included)
+            if next(self.iterator, None) is None:
+                break
+
+    def next(self):
+        if self.iterator is None:
+            self._start_epoch(self.state.batches_in_epoch)
+        for _ in range(2):
+            batch = next(self.iterator, None)
+            if batch is not None:
+                self.state.batches_in_epoch += 1
+                return batch
+            self.state.data_epoch += 1
+            self.state.batches_in_epoch = 0
+            self._start_epoch(0)
+        raise ValueError("the training split yields no images: it is empty or every image is unreadable")
+
+
+class CPUViews:
+    """Views augmented by the DataLoader workers, joined into batches and moved to the device (pinned, non-blocking).
+
+    The batch is a whole number of chunks, so the data position (chunks taken) resumes exactly."""
+
+    def __init__(self, batches: BatchStream, device: torch.device, channels_last: bool, batch: int):
+        self.batches, self.device, self.channels_last, self.batch = batches, device, channels_last, batch
+        self.position_unit = batches.loader.batch_size  # images per item counted in the data position: a chunk
+
+    def next(self, step: int):
+        chunks = [self.batches.next()]
+        while sum(c[0].shape[0] for c in chunks) < self.batch:
+            chunks.append(self.batches.next())
+        view_q = torch.cat([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
+        view_k = torch.cat([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]
+        skipped = sum(c[2] for c in chunks)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        view_q = view_q.to(self.device, non_blocking=True, memory_format=memory_format)
+        view_k = view_k.to(self.device, non_blocking=True, memory_format=memory_format)
+        return view_q, view_k, skipped
+
+
+def join_chunks(chunks: list) -> tuple:
+    """One `collate_encoded` chunk out of several of the same kind."""
+    if len(chunks) == 1:
+        return chunks[0]
+    flats, shapes, skipped = zip(*chunks)
+    return torch.cat(flats), torch.cat(shapes), sum(skipped)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the device augmentation at `step`: a resumed run draws the same parameters as an uninterrupted one."""
+    return hash((seed, rank, step)) & 0x7FFF_FFFF_FFFF
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of the device cache's order in `epoch` (a hash that differs from every step seed)."""
+    digest = hashlib.blake2b(f"epoch {seed} {rank} {epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF
+
+
+class GPUViews:
+    """Chunks decoded by the workers (or encoded, then decoded here with nvJPEG) and augmented as whole batches on the
+    device.
+
+    Images that fail to decode are counted; the batch is topped up from the next one, so every step (and every
+    process) gets exactly `batch` images. The augmentation generator is reseeded from (seed, rank, step) at each
+    step, so a resumed run draws the same parameters as an uninterrupted one.
+    """
+
+    def __init__(self, batches: BatchStream, device: torch.device, augment: MoCoGPUAugment, seed: int, rank: int,
+                 batch: int, decoder: ThreadDecoder | None = None):
+        self.batches, self.device, self.batch, self.seed, self.rank = batches, device, batch, seed, rank
+        self.augment, self.decoder = augment, decoder
+        self.position_unit = batches.loader.batch_size  # images per item counted in the data position: a chunk
+        self.generator = torch.Generator(device=device)
+        self.carry: list[ImageChunk] = []  # images beyond the last batch (when corrupt ones made a chunk short)
+
+    def next(self, step: int):
+        chunks, skipped = self.carry, 0
+        while (have := sum(len(c) for c in chunks)) < self.batch:
+            encoded = [self.batches.next()]
+            if self.decoder is not None:  # bytes: as many chunks as the batch still needs, decoded in one go
+                while sum(len(e[1]) for e in encoded) < self.batch - have:
+                    encoded.append(self.batches.next())
+            chunk, unreadable = ImageChunk.from_chunk(join_chunks(encoded), self.device, self.decoder)
+            chunks, skipped = chunks + [chunk], skipped + unreadable
+        images, rest = ImageChunk.join(chunks).split(self.batch)
+        self.carry = [rest] if len(rest) else []
+        self.generator.manual_seed(step_seed(self.seed, self.rank, step))
+        view_q, view_k = self.augment.two_views(images.packed(), generator=self.generator)
+        return view_q, view_k, skipped
+
+
+class CachedViews:
+    """Batches drawn from this process's part of the split, decoded once into device memory (`device_cache`).
+
+    Each epoch is a permutation of the cached images seeded by (seed, rank, epoch), cut into `batch`-sized batches
+    (the remainder is dropped); the augmentation is reseeded per step as in `GPUViews`. The position (epoch, batch)
+    is all a checkpoint needs, so a resumed run sees exactly the batches of an uninterrupted one.
+    """
+
+    def __init__(self, cache: DeviceImageCache, state: TrainState, augment: MoCoGPUAugment, seed: int, rank: int,
+                 batch: int):
+        if len(cache) < batch:
+            raise ValueError(f"this process has {len(cache)} readable training images, fewer than its batch of {batch}")
+        self.cache, self.state, self.augment, self.batch = cache, state, augment, batch
+        self.seed, self.rank = seed, rank
+        self.position_unit = batch  # images per item counted in the data position: a batch
+        self.device = cache.images.device
+        self.generator = torch.Generator(device=self.device)
+        self.order, self.order_epoch = None, None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.cache) // self.batch
+
+    def next(self, step: int):
+        if self.state.batches_in_epoch >= self.batches_per_epoch:
+            self.state.data_epoch += 1
+            self.state.batches_in_epoch = 0
+        if self.order_epoch != self.state.data_epoch:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.rank, self.state.data_epoch))
+            self.order = torch.randperm(len(self.cache), generator=generator).to(self.device)
+            self.order_epoch = self.state.data_epoch
+        start = self.state.batches_in_epoch * self.batch
+        images = self.cache.batch(self.order[start: start + self.batch])
+        self.state.batches_in_epoch += 1
+        self.generator.manual_seed(step_seed(self.seed, self.rank, step))
+        view_q, view_k = self.augment.two_views(images, generator=self.generator)
+        return view_q, view_k, 0
