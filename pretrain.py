@@ -306,12 +306,14 @@ def train(cfg: PretrainConfig) -> TrainResult:
 
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     saved_unit = None  # images per counted data item at save time (a loader chunk, or a batch of the cache)
+    saved_carry = (0, 0, 0)  # images carried into the next batch at save time, position their chunks began at
     if resume:
         accelerator.load_state(resume)
         if state.positions:  # custom state is written by the main process: every rank's position is in it
             position = state.positions[accelerator.process_index]
             state.data_epoch, state.batches_in_epoch = position[:2]
             saved_unit = position[2] if len(position) > 2 else None
+            saved_carry = tuple(position[3:6]) if len(position) > 5 else (0, 0, 0)
         accelerator.print(f"resumed from {resume} at step {state.step}")
 
     if accelerator.trackers:
@@ -346,6 +348,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     if saved_unit and saved_unit != views.position_unit:  # saved while streaming, resumed from the cache, or back
         state.batches_in_epoch = state.batches_in_epoch * saved_unit // views.position_unit
         accelerator.print(f"data position converted from units of {saved_unit} to {views.position_unit} images")
+    else:
+        views.restore_carry(*saved_carry)
     progress = None
     if accelerator.is_main_process:
         from tqdm.auto import tqdm
@@ -419,8 +423,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
             accelerator.log({"knn_acc": acc}, step=state.step)
             accelerator.print(f"\nepoch {epoch}: kNN accuracy {acc:.2f}%")
         if (cfg.save_steps > 0 and state.step % cfg.save_steps == 0) or (state.step == stop_at < total_steps):
-            position = torch.tensor([[state.data_epoch, state.batches_in_epoch, views.position_unit]],
-                                    device=accelerator.device)
+            position = torch.tensor([[state.data_epoch, state.batches_in_epoch, views.position_unit,
+                                      *views.carry_position()]], device=accelerator.device)
             state.positions = accelerator.gather(position).tolist()
             count_skipped(accelerator, state, skipped)  # corrupt images since the last log go into the checkpoint too
             skipped = 0

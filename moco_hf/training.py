@@ -304,7 +304,10 @@ class TrainState:
     data_epoch: int = 0  # epoch of this process's data stream
     batches_in_epoch: int = 0  # loader chunks (device cache: batches) already taken from it
     skipped_images: int = 0  # corrupt images skipped so far (all processes)
-    positions: list = field(default_factory=list)  # (data_epoch, batches_in_epoch) of every process, at save time
+    # Per process, at save time: data_epoch, batches_in_epoch, images per counted item, then the images carried
+    # into the next batch and the position (epoch, chunks) where the chunks they came from began
+    # (`GPUViews.carry_position`).
+    positions: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,12 +14,25 @@ where it stopped.
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 
 from .data import DeviceImageCache, ImageChunk, ThreadDecoder
 from .gpu_augment import MoCoGPUAugment
 from .training import TrainState
+
+logger = logging.getLogger(__name__)
+
+
+class _WholeBatches:
+    """Views whose batches never carry images into the next one: the data position is all a checkpoint needs."""
+
+    def carry_position(self) -> tuple[int, int, int]:
+        return 0, 0, 0
+
+    def restore_carry(self, images: int, epoch: int = 0, chunks: int = 0) -> None:
+        pass
 
 
 class BatchStream:
@@ -50,7 +63,7 @@ class BatchStream:
         raise ValueError("the training split yields no images: it is empty or every image is unreadable")
 
 
-class CPUViews:
+class CPUViews(_WholeBatches):
     """Views augmented by the DataLoader workers, joined into batches and moved to the device (pinned, non-blocking).
 
     The batch is a whole number of chunks, so the data position (chunks taken) resumes exactly."""
@@ -96,8 +109,13 @@ class GPUViews:
     device.
 
     Images that fail to decode are counted; the batch is topped up from the next one, so every step (and every
-    process) gets exactly `batch` images. The augmentation generator is reseeded from (seed, rank, step) at each
-    step, so a resumed run draws the same parameters as an uninterrupted one.
+    process) gets exactly `batch` images, and the images beyond it are carried into the next batch. The
+    augmentation generator is reseeded from (seed, rank, step) at each step, so a resumed run draws the same
+    parameters as an uninterrupted one.
+
+    The carried images are the tail of the chunks read last, so a checkpoint stores their count and where those
+    chunks began (`carry_position`); a resumed run reads the chunks again and keeps the same tail (`restore_carry`),
+    so it sees exactly the batches of an uninterrupted run.
     """
 
     def __init__(self, batches: BatchStream, device: torch.device, augment: MoCoGPUAugment, seed: int, rank: int,
@@ -107,15 +125,49 @@ class GPUViews:
         self.position_unit = batches.loader.batch_size  # images per item counted in the data position: a chunk
         self.generator = torch.Generator(device=device)
         self.carry: list[ImageChunk] = []  # images beyond the last batch (when corrupt ones made a chunk short)
+        self.carry_from = (0, 0)  # data position (epoch, chunks) where the chunks read last began
+        self.pending_carry: tuple[int, int, int] | None = None  # (images, epoch, chunks) to read again after a resume
+
+    def carry_position(self) -> tuple[int, int, int]:
+        """(images carried into the next batch, data position where the chunks they are the tail of began): saved
+        with the data position."""
+        images = sum(len(c) for c in self.carry)
+        return (images, *self.carry_from) if images else (0, 0, 0)
+
+    def restore_carry(self, images: int, epoch: int = 0, chunks: int = 0) -> None:
+        """After a resume: the next batch starts with the last `images` readable images of the chunks from position
+        (`epoch`, `chunks`) up to the saved position, as it did in the run that saved it."""
+        self.pending_carry = (images, epoch, chunks) if images > 0 else None
+
+    def _read(self, count: int) -> tuple[ImageChunk, int]:
+        """The next `count` loader chunks, decoded together (when bytes) or as they came."""
+        state = self.batches.state
+        self.carry_from = (state.data_epoch, state.batches_in_epoch)
+        encoded = [self.batches.next() for _ in range(count)]
+        return ImageChunk.from_chunk(join_chunks(encoded), self.device, self.decoder)
+
+    def _replay_carry(self, images: int, epoch: int, chunks: int) -> list[ImageChunk]:
+        state = self.batches.state
+        saved = (state.data_epoch, state.batches_in_epoch)
+        state.data_epoch, state.batches_in_epoch = epoch, chunks  # the stream starts there: read the chunks again
+        encoded = []
+        while (state.data_epoch, state.batches_in_epoch) < saved:
+            encoded.append(self.batches.next())
+        if (state.data_epoch, state.batches_in_epoch) != saved:
+            raise RuntimeError(f"resuming the data stream: reading again from position {(epoch, chunks)} passed the "
+                               f"saved position {saved} (the training split changed since the checkpoint?)")
+        self.carry_from = (epoch, chunks)
+        chunk, _ = ImageChunk.from_chunk(join_chunks(encoded), self.device, self.decoder)  # unreadable: counted
+        return [chunk.split(max(0, len(chunk) - images))[1]]
 
     def next(self, step: int):
+        if self.pending_carry is not None:
+            self.carry, self.pending_carry = self._replay_carry(*self.pending_carry), None
         chunks, skipped = self.carry, 0
         while (have := sum(len(c) for c in chunks)) < self.batch:
-            encoded = [self.batches.next()]
-            if self.decoder is not None:  # bytes: as many chunks as the batch still needs, decoded in one go
-                while sum(len(e[1]) for e in encoded) < self.batch - have:
-                    encoded.append(self.batches.next())
-            chunk, unreadable = ImageChunk.from_chunk(join_chunks(encoded), self.device, self.decoder)
+            # bytes decoded here: as many chunks as the batch still needs, decoded in one go
+            count = -(-(self.batch - have) // self.position_unit) if self.decoder is not None else 1
+            chunk, unreadable = self._read(count)
             chunks, skipped = chunks + [chunk], skipped + unreadable
         images, rest = ImageChunk.join(chunks).split(self.batch)
         self.carry = [rest] if len(rest) else []
@@ -124,7 +176,7 @@ class GPUViews:
         return view_q, view_k, skipped
 
 
-class CachedViews:
+class CachedViews(_WholeBatches):
     """Batches drawn from this process's part of the split, decoded once into device memory (`device_cache`).
 
     Each epoch is a permutation of the cached images seeded by (seed, rank, epoch), cut into `batch`-sized batches

@@ -477,3 +477,23 @@ def test_thread_decoder_matches_the_workers_decode():
     expected = [decode_image(e, mode=ImageReadMode.RGB) for e in encoded]
     reference, _ = ImageChunk.from_chunk(collate_encoded([(image, 0) for image in expected]), torch.device("cpu"))
     assert skipped == 2 and torch.equal(chunk.sizes, reference.sizes) and torch.equal(chunk.pixels, reference.pixels)
+
+
+def test_streamed_device_path_resumes_exactly_with_carried_images(tmp_path):
+    """gpu_augment on, streamed (no cache), bytes decoded by threads: unreadable files make chunks short, so images
+    are carried from one batch into the next; the checkpoint saves them as a position and the resumed run reads
+    them again: straight == stop + resume, weights and queue."""
+    root = make_image_folder(tmp_path / "data", per_class=8, classes=2)
+    for i in range(4):
+        (root / "train" / "class1" / f"bad{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    common = ["--train_dir", str(root), "--max_steps", "5", "--batch_size", "8", "--queue_size", "32",
+              "--eval_split", "none", "--gpu_augment", "on", "--device_cache", "off", "--num_workers", "1",
+              "--device_decode", "threads", "--decode_threads", "2"]
+    straight = pretrain.train(tiny_config(tmp_path / "a", *common))
+    first = pretrain.train(tiny_config(tmp_path / "b", *common, "--stop_after_steps", "2"))
+    assert first.state.positions[0][3] > 0  # images were carried over the checkpoint
+    resumed = pretrain.train(tiny_config(tmp_path / "b", *common, "--resume_from_checkpoint", "auto"))
+    assert resumed.metrics["skipped_images"] == straight.metrics["skipped_images"] > 0
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
