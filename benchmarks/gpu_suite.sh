@@ -9,7 +9,8 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0 timm==1.0.31 huggingface-hub==2.4.0 \
 #     httpx2==2.16.2 httpcore2==2.16.2 truststore accelerate==1.15.0
-# then run it with carry [".whl"]. Full logs land in $OUT (or ./bench-out); the tables are printed.
+# then run it with carry [".whl"]. Full logs land in $OUT (or ./bench-out); the tables are printed, then one summary
+# table against the issue's targets (benchmarks/summarize.py; pass both folders when the suite ran in two calls).
 # SMOKE=1 runs every section at toy sizes (CPU, a few minutes) to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,3 +84,5 @@ for section in $sections; do
     *) echo "unknown section $section (step, cifarstep, augment, r50, r50threads, cifar)"; exit 2 ;;
   esac
 done
+echo "== summary (python3 benchmarks/summarize.py $out)"
+$py benchmarks/summarize.py "$out" | tee "$out/summary.txt"
