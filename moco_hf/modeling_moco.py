@@ -144,9 +144,9 @@ class _SplitBatchNormFn(torch.autograd.Function):
     """Split batch norm with a hand-written backward, for eager mode: saves for backward only the input in its own
     dtype, the fp32 per-split mean and invstd (g x C) and the weight, as `nn.BatchNorm2d` does, where the plain ops of
     [`_split_batch_norm_ops`] make autograd keep an fp32 copy of the input (and more) under bf16 autocast.
-    Returns (output: g x N/g x C x H x W, mean, var); mean and var are not differentiable. The output is unflattened
-    to the splits (the caller flattens it) as a custom Function's outputs must not be views for in-place ops to
-    work on them."""
+    Returns (output: N x C x H x W in the input's dtype and memory format, mean, var); mean and var are not
+    differentiable. The output is written into a tensor of its own, not a view: a following in-place op (timm's
+    `ReLU(inplace=True)`) then stays a plain in-place op for autograd."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, num_splits: int, eps: float):
@@ -157,7 +157,8 @@ class _SplitBatchNormFn(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)  # g x 1 x C x 1 x 1
         scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1, 1)
         shift = -mean * scale if bias is None else bias.view(1, 1, -1, 1, 1) - mean * scale
-        output = torch.addcmul(shift, x, scale).to(input.dtype)  # g x N/g x C x H x W, in the input's format
+        output = torch.empty_like(input)  # N x C x H x W, the input's dtype and memory format
+        torch.addcmul(shift, x, scale, out=output.unflatten(0, (g, n // g)))  # fp32 maths, cast on store
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.num_splits, ctx.bias_dtype = g, None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
@@ -169,19 +170,19 @@ class _SplitBatchNormFn(torch.autograd.Function):
         input, weight, mean, invstd = ctx.saved_tensors
         n, g = input.shape[0], ctx.num_splits
         dtype = mean.dtype
-        x = input.unflatten(0, (g, n // g)).to(dtype)  # g x N/g x C x H x W
-        dout = grad_output.to(dtype)  # g x N/g x C x H x W
-        xhat = (x - mean) * invstd  # g x N/g x C x H x W
+        # fp32 temporaries, updated in place where possible (they are input-sized)
+        xhat = (input.unflatten(0, (g, n // g)).to(dtype) - mean).mul_(invstd)  # g x N/g x C x H x W
+        dout = grad_output.unflatten(0, (g, n // g)).to(dtype)  # g x N/g x C x H x W
         sum_dout = dout.sum(dim=(1, 3, 4), keepdim=True)  # g x 1 x C x 1 x 1
         sum_dout_xhat = (dout * xhat).sum(dim=(1, 3, 4), keepdim=True)  # g x 1 x C x 1 x 1
 
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             # With dy = dout * weight: invstd * (dy - mean_split(dy) - xhat * mean_split(dy * xhat)), per split.
-            per_split = x.shape[1] * x.shape[3] * x.shape[4]  # values per channel in one split
+            per_split = xhat.shape[1] * xhat.shape[3] * xhat.shape[4]  # values per channel in one split
             scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1, 1)  # g x 1 x C x 1 x 1
-            centred = dout - sum_dout / per_split - xhat * (sum_dout_xhat / per_split)
-            grad_input = (centred * scale).flatten(0, 1).to(input.dtype)  # N x C x H x W
+            grad = (dout - sum_dout / per_split).sub_(xhat.mul_(sum_dout_xhat / per_split)).mul_(scale)
+            grad_input = grad.flatten(0, 1).to(input.dtype)  # N x C x H x W
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_dout_xhat.sum(0).view(-1).to(weight.dtype)  # C
         if ctx.needs_input_grad[2]:
@@ -237,7 +238,6 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             output, mean, var = _split_batch_norm_ops(input, g, self.weight, self.bias, self.eps)
         else:
             output, mean, var = _SplitBatchNormFn.apply(input, self.weight, self.bias, g, self.eps)
-            output = output.flatten(0, 1)  # N x C x H x W, in the input's memory format
 
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
