@@ -32,10 +32,10 @@ from moco_hf import MoCoConfig, MoCoModel
 from moco_hf.data import (
     DeviceImageCache,
     EncodedStream,
-    ImageChunk,
-    ThreadDecoder,
     EvalTransform,
+    ImageChunk,
     LabeledStream,
+    ThreadDecoder,
     TwoViewStream,
     TwoViewTransform,
     collate_encoded,

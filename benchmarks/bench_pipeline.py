@@ -63,8 +63,9 @@ def make_jpeg_dataset(folder: str, count: int, width: int, height: int, shards: 
 
 def pipeline_throughput(cfg, gpu: bool, device: torch.device, batches: int) -> float:
     """images/s of (view_q, view_k) batches ready on `device`, after warm-up batches (and the device cache's fill)."""
-    import pretrain
     from accelerate import PartialState
+
+    import pretrain
     from moco_hf.training import TrainState
     from moco_hf.views import BatchStream, CachedViews, CPUViews, GPUViews
 

@@ -23,9 +23,9 @@ def saved_bytes(model: MoCoModel, view_q: torch.Tensor, view_k: torch.Tensor, am
             total += tensor.untyped_storage().nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with torch.autocast(view_q.device.type, dtype=torch.bfloat16, enabled=amp):
-            model(pixel_values=view_q, key_pixel_values=view_k)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast(view_q.device.type, dtype=torch.bfloat16, enabled=amp):
+        model(pixel_values=view_q, key_pixel_values=view_k)
     return total
 
 

@@ -25,9 +25,10 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=4)
     args = p.parse_args()
 
-    import pretrain
     from accelerate import PartialState
     from bench_pipeline import make_jpeg_dataset
+
+    import pretrain
     from moco_hf.training import TrainState, load_config
     from moco_hf.views import BatchStream, GPUViews
 

@@ -30,7 +30,7 @@ AUGMENT_LOGS = ["augment_v2"]
 
 def step_setting(text: str) -> tuple[str, str]:
     """(backbone, 'model step, <backbone> <size> px, batch N, K n[, split BN g]') from the header line."""
-    m = re.search(r"; (\S+), batch (\d+) x (\d+)px, K=(\d+).*?(?:bn_splits=(\d+))?$", text, re.M)
+    m = re.search(r"; (\S+), batch (\d+) x (\d+)px, K=(\d+).*?(?:bn_splits=(\d+))?$", text, re.MULTILINE)
     if not m:
         return "", "model step"
     splits = f", split BN {m.group(5)}" if m.group(5) and m.group(5) != "1" else ""
@@ -51,6 +51,11 @@ def _verdict(value: float, target: int | None, backbone: str, expected: str) -> 
     return f"target {target:,}: {'met' if value >= target else 'NOT met'}"
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _find(folders: list[str], name: str) -> str | None:
     for folder in folders:
         matches = sorted(glob.glob(os.path.join(folder, f"*{name}.txt")))
@@ -64,7 +69,7 @@ def step_rows(text: str) -> dict[str, tuple[float, float]]:
     """{implementation: (images/s, peak GiB)} from `bench_model_step.py` output."""
     rows = {}
     for name in ("moco_hf MoCoModel", "official-style"):
-        m = re.search(rf"^{re.escape(name)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+|nan)", text, re.M)
+        m = re.search(rf"^{re.escape(name)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+|nan)", text, re.MULTILINE)
         if m:
             rows[name] = (float(m.group(3)), float(m.group(4)))
     return rows
@@ -97,7 +102,7 @@ def summarize(folders: list[str]) -> list[tuple[str, str, float, str]]:
         path = _find(folders, log)
         if path is None:
             continue
-        text = open(path).read()
+        text = _read(path)
         backbone, what = step_setting(text)
         rows = step_rows(text)
         ours, base = rows.get("moco_hf MoCoModel"), rows.get("official-style")
@@ -114,13 +119,13 @@ def summarize(folders: list[str]) -> list[tuple[str, str, float, str]]:
     for log in AUGMENT_LOGS:
         path = _find(folders, log)
         if path is not None:
-            for mode, value in augment_rows(open(path).read()):
+            for mode, value in augment_rows(_read(path)):
                 table.append(("augmentation alone, two views", mode, value, ""))
     for log, expected, target in PIPELINE_LOGS:
         path = _find(folders, log)
         if path is None:
             continue
-        text = open(path).read()
+        text = _read(path)
         backbone, what = pipeline_setting(text)
         for how, value, note in pipeline_rows(text):
             verdict = _verdict(value, target, backbone, expected) if how.startswith("pretrain.py") else ""
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     env = _find(args.folders, "env")
     if env:
-        print(" / ".join(line.strip() for line in open(env) if line.strip()))
+        print(" / ".join(line.strip() for line in _read(env).splitlines() if line.strip()))
     print(f"| {'what':<60} | {'how':<56} | {'images/s':>9} | against the target |")
     print(f"|{'-' * 62}|{'-' * 58}|{'-' * 11}|---|")
     for what, how, value, verdict in table:

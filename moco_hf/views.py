@@ -150,6 +150,7 @@ class GPUViews:
         state = self.batches.state
         saved = (state.data_epoch, state.batches_in_epoch)
         state.data_epoch, state.batches_in_epoch = epoch, chunks  # the stream starts there: read the chunks again
+        self.batches.iterator = None
         encoded = []
         while (state.data_epoch, state.batches_in_epoch) < saved:
             encoded.append(self.batches.next())

@@ -6,7 +6,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import summarize  # noqa: E402
+import summarize
 
 
 def test_summary_of_the_recorded_h100_logs():
@@ -25,7 +25,7 @@ def test_targets_only_judge_the_setting_they_are_for(tmp_path):
     (tmp_path / "step_r50_compile.txt").write_text(
         "device cpu (2 threads); torch 2; test_resnet, batch 16 x 32px, K=64, amp=True, bn_splits=1\n"
         "moco_hf MoCoModel   10.0   9.0   5000.0   nan\nofficial-style   20.0   19.0   2500.0   nan\n")
-    (what, how, value, verdict), _ = summarize.summarize([str(tmp_path)])
+    (what, _, value, verdict), _ = summarize.summarize([str(tmp_path)])
     assert what == "model step, test_resnet 32 px, batch 16, K 64" and value == 5000.0
     assert verdict == "2.00x the official-style step; target 3,800 is for resnet50"
     assert summarize.main([str(tmp_path / "missing")]) == 1

@@ -72,7 +72,7 @@ def test_streamed_device_views_resume_exactly_with_carried_images(decode):
     straight_views = _views(samples, TrainState(), decoder)
     straight = [straight_views.next(step)[0] for step in range(steps)]
     assert all(len(ids) == 8 for ids in straight)
-    assert sorted(set(i for ids in straight[:2] for i in ids)) == sorted(set(straight[0] + straight[1]))
+    assert len(set(straight[0] + straight[1])) == 16  # no image twice within an epoch
     assert not any(i % 4 == 0 for ids in straight for i in ids)  # unreadable ones never reach a batch
 
     carried = 0
