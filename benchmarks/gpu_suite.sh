@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of BENCHMARKS.md, for a lent GPU machine, in one call:
 #   bash benchmarks/gpu_suite.sh [step] [cifarstep] [augment] [r50] [r50threads] [cifar]   (default: all, ~12 min on an H100)
-# A lent machine runs one command for at most 10 minutes: use two calls on the warm machine,
-#   bash benchmarks/gpu_suite.sh step cifarstep augment r50      then      bash benchmarks/gpu_suite.sh r50threads cifar
+# A lent machine runs one command for at most 10 minutes, and a session has 15 device minutes in all (start-up
+# included): use two calls on the warm machine, the sections not yet measured first (BENCHMARKS.md lists them),
+#   bash benchmarks/gpu_suite.sh cifarstep r50threads      then      bash benchmarks/gpu_suite.sh r50 cifar
+# (step and augment were measured on 2026-11-27; rerun them when their code changes).
 # Its Python has torch, timm, transformers and accelerate but not `datasets`: carry wheels in .whl/ first, here:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
