@@ -139,11 +139,13 @@ class GPUViews:
         (`epoch`, `chunks`) up to the saved position, as it did in the run that saved it."""
         self.pending_carry = (images, epoch, chunks) if images > 0 else None
 
-    def _read(self, count: int) -> tuple[ImageChunk, int]:
-        """The next `count` loader chunks, decoded together (when bytes) or as they came."""
+    def _read(self, count: int = 1, until: tuple[int, int] | None = None) -> tuple[ImageChunk, int]:
+        """The next `count` loader chunks (or those up to data position `until`), decoded together when bytes."""
         state = self.batches.state
         self.carry_from = (state.data_epoch, state.batches_in_epoch)
-        encoded = [self.batches.next() for _ in range(count)]
+        encoded = []
+        while len(encoded) < count if until is None else (state.data_epoch, state.batches_in_epoch) < until:
+            encoded.append(self.batches.next())
         return ImageChunk.from_chunk(join_chunks(encoded), self.device, self.decoder)
 
     def _replay_carry(self, images: int, epoch: int, chunks: int) -> list[ImageChunk]:
@@ -151,14 +153,10 @@ class GPUViews:
         saved = (state.data_epoch, state.batches_in_epoch)
         state.data_epoch, state.batches_in_epoch = epoch, chunks  # the stream starts there: read the chunks again
         self.batches.iterator = None
-        encoded = []
-        while (state.data_epoch, state.batches_in_epoch) < saved:
-            encoded.append(self.batches.next())
+        chunk, _ = self._read(until=saved)  # their unreadable images were counted before the checkpoint
         if (state.data_epoch, state.batches_in_epoch) != saved:
             raise RuntimeError(f"resuming the data stream: reading again from position {(epoch, chunks)} passed the "
                                f"saved position {saved} (the training split changed since the checkpoint?)")
-        self.carry_from = (epoch, chunks)
-        chunk, _ = ImageChunk.from_chunk(join_chunks(encoded), self.device, self.decoder)  # unreadable: counted
         return [chunk.split(max(0, len(chunk) - images))[1]]
 
     def next(self, step: int):
