@@ -53,6 +53,7 @@ from moco_hf.training import (
     resolve_resume,
     save_checkpoint,
     save_config,
+    uses_cuda_graphs,
 )
 from moco_hf.views import BatchStream, CachedViews, CPUViews, GPUViews
 
@@ -285,8 +286,8 @@ def train(cfg: PretrainConfig) -> TrainResult:
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
 
     if cfg.compile:
-        model.query_encoder.compile()
-        model.key_encoder.compile()
+        model.query_encoder.compile(mode=cfg.compile_mode)
+        model.key_encoder.compile(mode=cfg.compile_mode)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
                                 momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
     schedule = lambda step: lr_at(step, total_steps, steps_per_epoch, lr, cfg.lr_schedule, warmup,  # noqa: E731
@@ -362,7 +363,12 @@ def train(cfg: PretrainConfig) -> TrainResult:
     model.train()
     data_time = 0.0  # host time waiting for (and launching) the views, since the last log
     profiler = StepProfiler(cfg, state.step, accelerator) if cfg.profile_steps > 0 else None
+    # CUDA graphs (compile_mode reduce-overhead / max-autotune) reuse their output memory from one step to the next:
+    # say where a step begins, so that the symmetric loss's second call of an encoder is not taken for a new step.
+    cuda_graphs = cfg.compile and uses_cuda_graphs(cfg.compile_mode, accelerator.device)
     while state.step < stop_at:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if profiler is not None:
             profiler.before_step(state.step)
         fetch_start = time.perf_counter()

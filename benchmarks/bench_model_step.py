@@ -31,6 +31,7 @@ from torch import nn
 
 from moco_hf import MoCoConfig, MoCoModel
 from moco_hf.modeling_moco import SplitBatchNorm2d
+from moco_hf.training import COMPILE_MODES, uses_cuda_graphs
 
 
 class DemoSplitBatchNorm(nn.BatchNorm2d):
@@ -128,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders of both (as pretrain.py does)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode with --compile (pretrain.py's compile_mode; reduce-overhead: CUDA graphs)")
     p.add_argument("--baseline-fp32", action="store_true",
                    help="run the official-style baseline as published (fp32, contiguous, eager) while moco_hf uses "
                         "--amp/--channels-last/--compile: the speed-up the project gives over the published code")
@@ -168,13 +171,16 @@ def main(argv=None) -> None:
         if not args.baseline_fp32:
             compiled += [official.encoder_q, official.encoder_k]
         for encoder in compiled:
-            encoder.compile()
+            encoder.compile(mode=args.compile_mode)
+    cuda_graphs = args.compile and uses_cuda_graphs(args.compile_mode, device)
 
     def make_step(model, loss_of, amp=args.amp, fmt=memory_format):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
 
         def step(x1, x2):
+            if cuda_graphs:  # as pretrain.py: one step, even where the symmetric loss calls an encoder twice
+                torch.compiler.cudagraph_mark_step_begin()
             x1, x2 = x1.contiguous(memory_format=fmt), x2.contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = loss_of(model(x1, x2))
@@ -210,7 +216,8 @@ def main(argv=None) -> None:
     print(
         f"device {device} ({where}); "
         f"torch {torch.__version__}; {args.backbone}, batch {args.batch} x {args.image_size}px, K={args.queue_size}, "
-        f"amp={args.amp}, channels_last={args.channels_last}, compile={args.compile}, bn_splits={args.bn_splits}"
+        f"amp={args.amp}, channels_last={args.channels_last}, compile={args.compile}"
+        f"{f' ({args.compile_mode})' if args.compile else ''}, bn_splits={args.bn_splits}"
     )
     first_losses, peak = {}, {}
     for name, step in steps.items():  # warm-up; the first step of both starts from identical state

@@ -166,7 +166,8 @@ def main(argv=None) -> None:
     print()
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}),"
           f" torch {torch.__version__}, backbone {args.backbone}, {args.size} px {args.preset}, batch {args.batch},"
-          f" {args.workers} workers, mixed precision {args.mixed_precision}, compile {args.compile}")
+          f" {args.workers} workers, mixed precision {args.mixed_precision}, compile {args.compile}"
+          f"{f' ({cfg.compile_mode})' if args.compile else ''}")
     print(f"| {'what':<56} | {'images/s':>10} | {'note':<28} |")
     print(f"|{'-' * 58}|{'-' * 12}|{'-' * 30}|")
     for name, value, note in rows:

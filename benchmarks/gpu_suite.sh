@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of BENCHMARKS.md, for a lent GPU machine, in one call:
-#   bash benchmarks/gpu_suite.sh [step] [cifarstep] [augment] [r50] [r50threads] [cifar]   (default: all, ~12 min on an H100)
+#   bash benchmarks/gpu_suite.sh [cudatests] [step] [cifarstep] [augment] [r50] [r50threads] [cifar]
+# (default: all, ~15 min on an H100)
 # A lent machine runs one command for at most 10 minutes, and a session has 15 device minutes in all (start-up
 # included): use two calls on the warm machine, the sections not yet measured first (BENCHMARKS.md lists them),
-#   bash benchmarks/gpu_suite.sh cifarstep r50threads      then      bash benchmarks/gpu_suite.sh r50 cifar
+#   bash benchmarks/gpu_suite.sh cifarstep r50threads      then      bash benchmarks/gpu_suite.sh cudatests r50 cifar
 # (step and augment were measured on 2026-11-27; rerun them when their code changes).
 # Its Python has torch, timm, transformers and accelerate but not `datasets`: carry wheels in .whl/ first, here:
 #   echo /.whl/ >> .git/info/exclude
@@ -17,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}; mkdir -p "$out"
-sections=${*:-step cifarstep augment r50 r50threads cifar}
+sections=${*:-cudatests step cifarstep augment r50 r50threads cifar}
 if [ -d .whl ] && [ -z "${SMOKE:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -63,6 +64,10 @@ else
 fi
 for section in $sections; do
   case $section in
+    cudatests)  # the tests that need CUDA (CUDA graphs against eager, augmentation and nvJPEG on the device)
+      run cuda_tests $big $py -m pytest -q -rs -p no:cacheprovider tests/test_model.py tests/test_gpu_augment.py \
+        -k cuda
+      tail -n 3 "$out/cuda_tests.txt" ;;
     step)  # model step: official-style fp32 baseline vs moco_hf bf16 + channels_last + torch.compile
       run step_r50_compile $big $py benchmarks/bench_model_step.py "${step[@]}" --amp --channels-last --compile \
         --baseline-fp32 ;;
@@ -70,7 +75,10 @@ for section in $sections; do
       run step_cifar_compile $big $py benchmarks/bench_model_step.py "${cifarstep[@]}" --amp --channels-last \
         --compile --baseline-fp32 --cudnn-benchmark
       run step_cifar_compile_nosplit $big $py benchmarks/bench_model_step.py "${cifarstep[@]}" --bn-splits 1 \
-        --amp --channels-last --compile --cudnn-benchmark ;;
+        --amp --channels-last --compile --cudnn-benchmark
+      # and with CUDA graphs (compile_mode reduce-overhead): how much of the step is host-side launch work
+      run step_cifar_cudagraphs $big $py benchmarks/bench_model_step.py "${cifarstep[@]}" --amp --channels-last \
+        --compile --compile-mode reduce-overhead --baseline-fp32 --cudnn-benchmark ;;
     augment)  # the batched v2 augmentation alone, eager vs compiled, 256 images of 500 x 375
       run augment_v2 $big $py benchmarks/bench_augment.py "${augment[@]}" ;;
     r50)  # pretrain.py end to end from JPEG bytes: workers decode, the device augments, compiled encoders
@@ -82,8 +90,11 @@ for section in $sections; do
     cifar)  # CIFAR: the split decoded once into device memory, then augmented and trained from there
       run e2e_cifar_cache_compile $big $py benchmarks/bench_pipeline.py "${cifar[@]}" --preset cifar \
         --workers $workers --mixed_precision bf16 --channels_last --compile --paths cache --profile_steps 3 \
-        --profile_out "$out" ;;
-    *) echo "unknown section $section (step, cifarstep, augment, r50, r50threads, cifar)"; exit 2 ;;
+        --profile_out "$out"
+      run e2e_cifar_cache_cudagraphs $big $py benchmarks/bench_pipeline.py "${cifar[@]}" --preset cifar \
+        --workers $workers --mixed_precision bf16 --channels_last --compile --compile_mode reduce-overhead \
+        --paths cache --skip_pipeline ;;
+    *) echo "unknown section $section (cudatests, step, cifarstep, augment, r50, r50threads, cifar)"; exit 2 ;;
   esac
 done
 echo "== summary (python3 benchmarks/summarize.py $out)"

@@ -19,11 +19,13 @@ STEP_LOGS = [
     ("step_r50_compile", "resnet50", 3800),
     ("step_cifar_compile", "cifar_resnet18", None),
     ("step_cifar_compile_nosplit", "cifar_resnet18", None),
+    ("step_cifar_cudagraphs", "cifar_resnet18", None),
 ]
 PIPELINE_LOGS = [
     ("e2e_r50_compile", "resnet50", 3000),
     ("e2e_r50_threads_compile", "resnet50", 3000),
     ("e2e_cifar_cache_compile", "cifar_resnet18", 30000),
+    ("e2e_cifar_cache_cudagraphs", "cifar_resnet18", 30000),
 ]
 AUGMENT_LOGS = ["augment_v2"]
 
@@ -41,6 +43,12 @@ def pipeline_setting(text: str) -> tuple[str, str]:
     """(backbone, '<backbone>, <size> px <preset>, batch N') from the header line of `bench_pipeline.py`."""
     m = re.search(r"backbone (\S+), (\d+ px \S+), batch (\d+)", text)
     return (m.group(1), f"{m.group(1)}, {m.group(2)}, batch {m.group(3)}") if m else ("", "pipeline")
+
+
+def compile_mode(text: str) -> str:
+    """' (mode)' where the header line says the encoders were compiled in a mode other than the default, else ''."""
+    m = re.search(r"compile[= ]True \(([\w-]+)\)", text)
+    return f" ({m.group(1)})" if m and m.group(1) != "default" else ""
 
 
 def _verdict(value: float, target: int | None, backbone: str, expected: str) -> str:
@@ -113,7 +121,7 @@ def summarize(folders: list[str]) -> list[tuple[str, str, float, str]]:
                 if ours[1] == ours[1] and base[1] == base[1]:  # not nan (CUDA only)
                     notes.append(f"peak {ours[1]:.1f} vs {base[1]:.1f} GiB")
             notes.append(_verdict(ours[0], target, backbone, expected))
-            table.append((what, "moco_hf", ours[0], "; ".join(n for n in notes if n)))
+            table.append((what, f"moco_hf{compile_mode(text)}", ours[0], "; ".join(n for n in notes if n)))
         if base:
             table.append((what, "official-style", base[0], ""))
     for log in AUGMENT_LOGS:
@@ -129,7 +137,7 @@ def summarize(folders: list[str]) -> list[tuple[str, str, float, str]]:
         backbone, what = pipeline_setting(text)
         for how, value, note in pipeline_rows(text):
             verdict = _verdict(value, target, backbone, expected) if how.startswith("pretrain.py") else ""
-            table.append((what, how, value, "; ".join(n for n in (note, verdict) if n)))
+            table.append((what, how + compile_mode(text), value, "; ".join(n for n in (note, verdict) if n)))
     return table
 
 

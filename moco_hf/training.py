@@ -18,6 +18,14 @@ import yaml
 logger = logging.getLogger(__name__)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def uses_cuda_graphs(compile_mode: str, device: torch.device) -> bool:
+    """Whether encoders compiled in `compile_mode` replay CUDA graphs on `device` (torch.compile's modes that do)."""
+    return device.type == "cuda" and compile_mode in ("reduce-overhead", "max-autotune")
+
+
 @dataclass
 class PretrainConfig:
     """Everything `pretrain.py` reads. YAML files fill it; `--key value` on the command line overrides it.
@@ -41,6 +49,8 @@ class PretrainConfig:
     report_to: str = "tensorboard"  # tensorboard, wandb, all, none
     mixed_precision: str = "no"  # no, fp16, bf16
     compile: bool = False  # torch.compile both encoders (and the device augmentation)
+    compile_mode: str = "default"  # torch.compile mode of the encoders: default, reduce-overhead (CUDA graphs),
+    # max-autotune (Triton autotuning plus CUDA graphs) or max-autotune-no-cudagraphs
     channels_last: bool = False
     cudnn_benchmark: bool = True  # cuDNN picks the fastest convolution algorithms (fixed shapes), as the official code
 
@@ -109,6 +119,7 @@ class PretrainConfig:
             "device_decode": ("workers", "threads", "nvjpeg"),
             "device_cache": ("auto", "on", "off"),
             "report_to": ("tensorboard", "wandb", "all", "none"),
+            "compile_mode": COMPILE_MODES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -120,6 +131,9 @@ class PretrainConfig:
                      "profile_steps", "decode_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode={self.compile_mode!r} only applies to compiled encoders: set compile: true "
+                             f"as well, or leave compile_mode at 'default'")
         if not self.device_cache_gb > 0:
             raise ValueError(f"device_cache_gb must be > 0, got {self.device_cache_gb}")
         if self.num_train_examples is not None and self.num_train_examples < 1:

@@ -13,7 +13,13 @@ sys.path.insert(0, ROOT)
 
 import pretrain  # noqa: E402
 from moco_hf.data import ImageChunk  # noqa: E402
-from moco_hf.training import list_checkpoints, load_config, resolve_resume  # noqa: E402
+from moco_hf.training import (  # noqa: E402
+    COMPILE_MODES,
+    list_checkpoints,
+    load_config,
+    resolve_resume,
+    uses_cuda_graphs,
+)
 
 from _tiny import TINY  # noqa: E402
 
@@ -149,6 +155,8 @@ def test_local_folder_with_bad_images_is_skipped_and_counted(tmp_path):
         (["--no_such_key", "1"], "valid keys"),
         (["--mixed_precision", "fp8"], "mixed_precision"),
         (["--batch_size", "abc"], "expects int"),
+        (["--compile", "true", "--compile_mode", "fastest"], "compile_mode"),
+        (["--compile_mode", "reduce-overhead"], "set compile: true"),
     ],
 )
 def test_bad_input_fails_fast_with_a_clear_message(tmp_path, capsys, args, message):
@@ -202,6 +210,29 @@ def test_defaults_are_the_demo_config():
     from moco_hf.training import PretrainConfig
 
     assert load_config(os.path.join(ROOT, "configs", "demo_digits.yaml"), []) == PretrainConfig()
+
+
+def test_cuda_graph_modes_are_torch_compiles_own():
+    for mode in COMPILE_MODES:
+        cudagraphs = bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False))
+        assert uses_cuda_graphs(mode, torch.device("cuda")) == cudagraphs, mode
+        assert not uses_cuda_graphs(mode, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode, marks", [("default", 0), ("reduce-overhead", 3), ("max-autotune-no-cudagraphs", 0)])
+def test_compile_mode_reaches_both_encoders_and_cuda_graphs_see_each_step(tmp_path, monkeypatch, mode, marks):
+    from moco_hf.modeling_moco import MoCoEncoder
+
+    modes, marked = [], []
+    monkeypatch.setattr(MoCoEncoder, "compile", lambda self, **kwargs: modes.append(kwargs.get("mode")))
+    # as on a GPU, where the CUDA-graph modes replay graphs whose outputs the next step overwrites
+    monkeypatch.setattr(pretrain, "uses_cuda_graphs", lambda m, device: uses_cuda_graphs(m, torch.device("cuda")))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marked.append(True))
+    cfg = tiny_config(tmp_path, "--max_steps", "3", "--eval_split", "none", "--symmetric", "true", "--compile", "true",
+                      "--compile_mode", mode)
+    pretrain.train(cfg)
+    assert modes == [mode, mode]  # query and key encoder
+    assert len(marked) == marks  # once per step, although the symmetric loss calls each encoder twice
 
 
 def test_lr_schedules():
