@@ -317,7 +317,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
             saved_carry = tuple(position[3:6]) if len(position) > 5 else (0, 0, 0)
         accelerator.print(f"resumed from {resume} at step {state.step}")
 
-    if accelerator.trackers:
+    if accelerator.log_with:  # `report_to` (empty when it is none, or tensorboard is not installed)
         accelerator.init_trackers("moco", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                   for k, v in dataclasses.asdict(cfg).items()})
     unwrapped = accelerator.unwrap_model(model)

@@ -68,7 +68,8 @@ class PretrainConfig:
     num_train_examples: int | None = None  # size of the training split when the source does not say (webdataset)
     augmentation: str = "cifar"  # v1, v2, cifar
     image_size: int = 32  # crop size in pixels
-    crop_min_scale: float | None = 0.4  # RandomResizedCrop lower scale bound (None: the preset's)
+    crop_min_scale: float | None = 0.4  # RandomResizedCrop lower scale bound: the demo's 0.4 (digits fill the
+    # frame); None: the preset's, as published (v1, v2: 0.2; cifar: 0.08), which the paper configs set
     gpu_augment: str = "auto"  # auto (GPU when training on CUDA), on, off
     device_decode: str = "workers"  # with gpu_augment: JPEGs decoded by DataLoader workers (libjpeg-turbo),
     # by threads of the training process (threads: workers only read bytes) or with nvjpeg

@@ -47,10 +47,15 @@ def make_image_folder(root, per_class=12, size=24, classes=3):
 def test_demo_run_end_to_end(tmp_path):
     """The embedded default (digits) through the real code path: final model, metrics, curves, config."""
     cfg = tiny_config(tmp_path, "--max_steps", "6", "--save_steps", "3", "--knn_max_train_samples", "200",
-                      "--knn_max_eval_samples", "60")
+                      "--knn_max_eval_samples", "60", "--report_to", "tensorboard")
     result = pretrain.train(cfg)
     out = tmp_path / "out"
     assert (out / "config.yaml").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = {tag for events in out.rglob("events.out.tfevents.*")  # report_to: the metrics reach TensorBoard
+              for tag in EventAccumulator(str(events)).Reload().Tags()["scalars"]}
+    assert {"loss", "contrastive_acc", "lr", "images_per_s", "knn_acc"} <= logged
     assert (out / "training_curves.png").stat().st_size > 0
     final = out / "final"
     metrics = json.loads((final / "metrics.json").read_text())
@@ -203,6 +208,19 @@ def test_shipped_configs_parse_and_build(name):
     from moco_hf import MoCoConfig
 
     MoCoConfig(**cfg.model_kwargs())
+
+
+@pytest.mark.parametrize("name, scale", [("moco_v1_resnet50_imagenet.yaml", 0.2), ("moco_v2_resnet50_imagenet.yaml", 0.2),
+                                         ("moco_v2_vit_small_imagenet.yaml", 0.2), ("moco_v2_resnet18_cifar10.yaml", 0.08)])
+def test_paper_configs_crop_as_published(name, scale):
+    """The demo's crop scale (0.4, the default) must not leak into the paper configs, on either augmentation path."""
+    from moco_hf.data import TwoViewTransform
+
+    cfg = load_config(os.path.join(ROOT, "configs", name), [])
+    stats = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    cpu = TwoViewTransform(cfg.augmentation, cfg.image_size, stats["mean"], stats["std"], cfg.crop_min_scale)
+    assert cpu.preset.crop_scale == (scale, 1.0)
+    assert tuple(pretrain.make_gpu_augment(cfg, stats).crop.scale) == (scale, 1.0)
 
 
 def test_defaults_are_the_demo_config():
