@@ -1,13 +1,14 @@
 """Fine-tune a MoCo-pretrained backbone on an image-classification dataset with transformers' Trainer.
 
 Run it:
-    python finetune.py --model_dir outputs/final                     # embedded demo: sklearn digits, 2 CPU cores
-    python finetune.py --model_dir outputs/final --dataset_name uoft-cs/cifar10 --eval_split test \
+    python finetune.py --model_dir outputs/moco-digits/final         # embedded demo: sklearn digits, 2 CPU cores
+    python finetune.py --model_dir outputs/moco-digits/final --dataset_name uoft-cs/cifar10 --eval_split test \
         --output_dir outputs/finetune-cifar10                         # a Hub dataset (downloaded, map-style)
-    python finetune.py --model_dir outputs/final --train_dir /data/flowers --eval_split validation
+    python finetune.py --model_dir outputs/moco-digits/final --train_dir /data/flowers --eval_split validation
     python finetune.py --model_dir staged/backbone                   # the timm-format export (TimmWrapper)
-    accelerate launch --num_processes 8 finetune.py --model_dir outputs/final --train_dir /data/imagenet \
-        --eval_split val --bf16 true --per_device_train_batch_size 64  # 8 GPUs: Trainer runs under accelerate
+    accelerate launch --num_processes 8 finetune.py --model_dir outputs/moco-v2-r50-in1k/final \
+        --train_dir /data/imagenet --eval_split validation --bf16 true --per_device_train_batch_size 64
+                                                                      # 8 GPUs: Trainer runs under accelerate
 
 `--model_dir` is a MoCo folder written by save_pretrained (pretrain.py's OUT/final, a `push_to_hub.py --dry_run`
 folder, a downloaded repository), loaded as `MoCoForImageClassification` with a fresh classifier; or a timm-format

@@ -7,12 +7,12 @@ Resize 256 / CenterCrop 224 views (other sizes: Resize size / 0.875). The backbo
 unchanged at the end. `linear_top1` (%) is merged into MODEL_DIR/metrics.json, where the model card reads it.
 
 Run it:
-    python linear_eval.py --model_dir outputs/final                  # embedded digits (train / test splits)
-    python linear_eval.py --model_dir outputs/final --cached_features --epochs 30
+    python linear_eval.py --model_dir outputs/moco-digits/final      # embedded digits (train / test splits)
+    python linear_eval.py --model_dir outputs/moco-digits/final --cached_features --epochs 30
                                                                       # CPU-friendly: center-crop features once
-    python linear_eval.py --model_dir outputs/final --train_dir /data/imagenet --eval_split val \
-        --num_workers 16 --mixed_precision bf16                       # ImageNet, paper protocol (one GPU)
-    python linear_eval.py --model_dir outputs/final --dataset_name uoft-cs/cifar10 --image_size 32 \
+    python linear_eval.py --model_dir outputs/moco-v2-r50-in1k/final --train_dir /data/imagenet \
+        --eval_split validation --num_workers 16 --mixed_precision bf16   # ImageNet, paper protocol (one GPU)
+    python linear_eval.py --model_dir outputs/moco-digits/final --dataset_name uoft-cs/cifar10 --image_size 32 \
         --output_dir outputs/linear-cifar10                           # also save the trained classifier
 """
 

@@ -3,9 +3,9 @@
 Run it:
     python pretrain.py                                              # embedded demo: sklearn digits, 2 CPU cores
     accelerate launch pretrain.py --config configs/moco_v2_resnet50_imagenet.yaml \
-        --dataset_name ILSVRC/imagenet-1k                           # one GPU
+        --bn_splits 8                                               # one GPU (split BN: 8 chunks of 32)
     accelerate launch --num_processes 8 pretrain.py --config configs/moco_v2_resnet50_imagenet.yaml \
-        --train_dir /data/imagenet                                  # 8 GPUs, local folder
+        --dataset_name none --train_dir /data/imagenet --eval_split validation   # 8 GPUs, local folder
     accelerate launch --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --num_processes 16 \
         pretrain.py --config configs/moco_v2_resnet50_imagenet.yaml # 2 machines x 8 GPUs (rank 1 on the other)
     python pretrain.py --config configs/x.yaml --resume_from_checkpoint auto     # continue the newest checkpoint
@@ -304,6 +304,11 @@ def train(cfg: PretrainConfig) -> TrainResult:
         f"device {accelerator.device}, mixed precision {cfg.mixed_precision}, "
         f"augmentation {cfg.augmentation} on {'the device, batched' if gpu_views else 'CPU workers'}"
     )
+
+    if accelerator.num_processes == 1 and cfg.shuffle_bn and cfg.bn_splits == 1:
+        accelerator.print("shuffle BN: one process and bn_splits 1 leave nothing to shuffle across, so the keys are "
+                          "normalised with their own batch's statistics (the leak shuffle BN prevents); bn_splits 8 "
+                          "normalises 8 chunks of the batch as 8 GPUs would")
 
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     saved_unit = None  # images per counted data item at save time (a loader chunk, or a batch of the cache)

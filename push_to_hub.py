@@ -1,12 +1,12 @@
 """Publish a trained MoCo model on the Hugging Face Hub (thin command line over `moco_hf.hub`).
 
     # look first: write exactly the files that would be uploaded, upload nothing (no token needed)
-    python push_to_hub.py --model_dir outputs/final --repo_id USER/moco-v2-resnet50 --dry_run staged/
+    python push_to_hub.py --model_dir outputs/moco-v2-r50-in1k/final --repo_id USER/moco-v2-resnet50 --dry_run staged/
 
     # upload (token from --token, HF_TOKEN, or a stored `hf auth login`)
-    python push_to_hub.py --model_dir outputs/final --repo_id USER/moco-v2-resnet50
-    python push_to_hub.py --model_dir outputs/final --repo_id USER/moco-v2-resnet50 --private --revision ep200 \\
-        --commit_message "200 epochs"
+    python push_to_hub.py --model_dir outputs/moco-v2-r50-in1k/final --repo_id USER/moco-v2-resnet50
+    python push_to_hub.py --model_dir outputs/moco-v2-r50-in1k/final --repo_id USER/moco-v2-resnet50 --private \\
+        --revision ep200 --commit_message "200 epochs"
 
     # a run converted from the official facebookresearch/moco code
     python -m moco_hf.convert_official --checkpoint moco_v2_800ep_pretrain.pth.tar --output_dir moco_v2_800ep

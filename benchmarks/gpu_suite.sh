@@ -6,8 +6,8 @@
 # included): use two calls on the warm machine, the sections not yet measured first (BENCHMARKS.md lists them),
 #   bash benchmarks/gpu_suite.sh cifarstep r50threads      then      bash benchmarks/gpu_suite.sh cudatests r50 cifar
 # (step and augment were measured on 2026-11-27; rerun them when their code changes).
-# Its Python has torch, timm, transformers and accelerate but not `datasets`: carry wheels in .whl/ first, here:
-#   echo /.whl/ >> .git/info/exclude
+# Its Python has torch, timm, transformers and accelerate but not `datasets`: carry wheels in .whl/ (git-ignored)
+# first, here:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0 timm==1.0.31 huggingface-hub==2.4.0 \

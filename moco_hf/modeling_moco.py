@@ -456,7 +456,8 @@ class MoCoModel(MoCoPreTrainedModel):
 
     In train mode with both views, `forward` is one step of Algorithm 1 of the paper: momentum update of the key
     encoder, keys (no gradient, shuffled BN), logits [q.k+, q.queue]/tau, InfoNCE loss, enqueue of the keys.
-    In eval mode, or with only `pixel_values`, it changes no state.
+    In eval mode it changes no state. With only `pixel_values` it encodes the queries: no momentum update, no
+    enqueue (in train mode the query encoder's BatchNorm running statistics still move, as in any forward).
     """
 
     _keys_to_ignore_on_load_missing = [r"^key_encoder\.", r"^queue$", r"^queue_ptr$"]

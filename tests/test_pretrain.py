@@ -44,11 +44,12 @@ def make_image_folder(root, per_class=12, size=24, classes=3):
     return root
 
 
-def test_demo_run_end_to_end(tmp_path):
+def test_demo_run_end_to_end(tmp_path, capsys):
     """The embedded default (digits) through the real code path: final model, metrics, curves, config."""
     cfg = tiny_config(tmp_path, "--max_steps", "6", "--save_steps", "3", "--knn_max_train_samples", "200",
                       "--knn_max_eval_samples", "60", "--report_to", "tensorboard")
     result = pretrain.train(cfg)
+    assert "one process and bn_splits 1 leave nothing to shuffle across" in capsys.readouterr().out
     out = tmp_path / "out"
     assert (out / "config.yaml").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
