@@ -44,6 +44,7 @@ from moco_hf.data import (
 )
 from moco_hf.evaluation import extract_features, knn_accuracy, record_metrics
 from moco_hf.gpu_augment import MoCoGPUAugment
+from moco_hf.hub import default_data_config, save_image_processor
 from moco_hf.training import (
     PretrainConfig,
     StepProfiler,
@@ -481,6 +482,7 @@ def finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics, st
             # The eval transform of the kNN monitor travels with the weights (image processor, model card).
             json.dump({**dataclasses.asdict(cfg), "mean": list(stats["mean"]), "std": list(stats["std"]),
                        "eval_crop_pct": 1.0}, f, indent=2)
+        save_image_processor(unwrapped, final, default_data_config(final))  # AutoImageProcessor reads the folder
         record_metrics(final, metrics)
         plot_history(history, os.path.join(cfg.output_dir, "training_curves.png"))
         if "knn_acc" in metrics:

@@ -64,8 +64,15 @@ def test_demo_run_end_to_end(tmp_path, capsys):
     assert metrics["steps"] == 6 and result.state.step == 6
     assert len(list_checkpoints(str(out))) == 2
 
-    from transformers import AutoModel
+    from transformers import AutoImageProcessor, AutoModel
 
+    # the kNN monitor's eval transform travels with the weights: resize and center crop to 32 px, the run's mean/std
+    processor = AutoImageProcessor.from_pretrained(str(final))
+    pixels = processor(Image.new("RGB", (48, 40), (255, 0, 0)), return_tensors="pt").pixel_values
+    assert pixels.shape == (1, 3, 32, 32)
+    stats = pretrain.data_stats(result.model)
+    expected = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(stats["mean"])) / torch.tensor(stats["std"])
+    torch.testing.assert_close(pixels[0, :, 16, 16], expected, rtol=1e-4, atol=1e-4)
     loaded = AutoModel.from_pretrained(str(final))
     assert torch.equal(loaded.queue, result.model.queue)
     assert int(loaded.queue_ptr) == (6 * 16) % 64
