@@ -256,8 +256,19 @@ def checkpoint_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, "checkpoints", f"{CHECKPOINT_PREFIX}{step:08d}")
 
 
+def _saved_order(path: str) -> int:
+    """The save number a checkpoint's marker records (0 for markers from before it was recorded)."""
+    try:
+        with open(os.path.join(path, COMPLETE_MARKER)) as f:
+            return int(json.load(f).get("saved", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first. Half-written ones (temporary names, no marker) are never listed."""
+    """Complete checkpoints in the order they were saved, oldest first. After a resume from an older checkpoint,
+    the resumed run's saves come after the abandoned run's later steps. Half-written ones (temporary names, no
+    marker) are never listed."""
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
@@ -266,12 +277,12 @@ def list_checkpoints(output_dir: str) -> list[str]:
         match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", name)
         path = os.path.join(root, name)
         if match and os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+            found.append((_saved_order(path), int(match.group(1)), path))
+    return [path for *_, path in sorted(found)]
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """The checkpoint folder to resume from: `auto` -> the newest complete one (or None), a path -> itself."""
+    """The checkpoint folder to resume from: `auto` -> the last complete one saved (or None), a path -> itself."""
     if not resume:
         return None
     if resume == "auto":
@@ -282,31 +293,53 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     return resume
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int) -> str:
-    """accelerator.save_state into `.tmp-...`, a COMPLETE marker, then an atomic rename; prune old ones.
+def _fsync(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    A crash or Ctrl-C at any point leaves either the previous checkpoints alone or a `.tmp-` folder that
-    `resolve_resume` ignores (and the next save removes).
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int) -> str:
+    """accelerator.save_state into `.tmp-...`, every file synced to disk, then a COMPLETE marker, then an atomic
+    rename; prune the oldest saves beyond `total_limit`.
+
+    A crash, Ctrl-C or power loss at any point leaves the previous checkpoints alone, plus at most a `.tmp-` (or
+    `.old-`) folder that `resolve_resume` ignores and the next save removes.
     """
     final = checkpoint_dir(output_dir, step)
     root = os.path.dirname(final)
     tmp = os.path.join(root, f".tmp-{os.path.basename(final)}")
     if accelerator.is_main_process:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for name in os.listdir(root):  # leftovers of saves that crashed, at this step or any other
+            if name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp, safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for folder, _, files in os.walk(tmp):  # the data is on disk before the marker that vouches for it
+            for name in files:
+                _fsync(os.path.join(folder, name))
+        saved = max((_saved_order(path) for path in list_checkpoints(output_dir)), default=0) + 1
         with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
-            f.write(json.dumps({"step": step}))
+            f.write(json.dumps({"step": step, "saved": saved}))
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        _fsync(tmp, directory=True)
+        old = None
+        if os.path.exists(final):  # the same step saved again (a run resumed from an older checkpoint)
+            old = os.path.join(root, f".old-{os.path.basename(final)}")
+            os.replace(final, old)
         os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[: max(0, len(list_checkpoints(output_dir)) - max(1, total_limit))]:
+        _fsync(root, directory=True)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        checkpoints = list_checkpoints(output_dir)
+        for stale in checkpoints[: max(0, len(checkpoints) - max(1, total_limit))]:
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
