@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         if args.dry_run is not None:
             files = stage(
                 args.model_dir, args.dry_run, args.repo_id, backbone_repo_id=args.backbone_repo_id,
-                license=args.license, datasets=args.dataset,
+                license=args.license, datasets=args.dataset, token=args.token,
             )
             print(f"dry run: staged {len(files)} files in {args.dry_run} for {args.repo_id}; nothing uploaded")
             for name in files:

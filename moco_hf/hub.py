@@ -29,6 +29,7 @@ and timm with `local-dir:` after `snapshot_download(..., allow_patterns="backbon
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -271,16 +272,48 @@ def read_run_records(model_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
         if isinstance(value, list):
             value = next((v for v in reversed(value) if isinstance(v, dict)), {})
         if isinstance(value, dict):
-            records[name] = _without_secrets(value)
+            records[name] = _without_secrets(value, known_secrets())
     return records
 
 
-def _without_secrets(value):
+# A Hugging Face user access token: "hf_" and 34 letters or digits (older ones had other lengths).
+_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
+
+
+def known_secrets(*tokens: str | None) -> list[str]:
+    """The tokens a run could have leaked: those given, and the one this machine uses (`HF_TOKEN` or the stored
+    login), longest first."""
+    found = {t for t in tokens if t}
+    stored = get_token()
+    if stored:
+        found.add(stored)
+    return sorted(found, key=len, reverse=True)
+
+
+def _without_secrets(value, secrets: list[str]):
+    """`value` with keys that look like secrets (hub_token, ...) dropped, and tokens inside strings (a recorded
+    command line, say) replaced by ***: the known ones and anything shaped like one."""
     if isinstance(value, dict):
-        return {k: _without_secrets(v) for k, v in value.items() if not any(w in str(k).lower() for w in _SECRET_WORDS)}
+        return {k: _without_secrets(v, secrets) for k, v in value.items()
+                if not any(w in str(k).lower() for w in _SECRET_WORDS)}
     if isinstance(value, list):
-        return [_without_secrets(v) for v in value]
+        return [_without_secrets(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+        return _TOKEN_PATTERN.sub("***", value)
     return value
+
+
+def _files_with_secrets(folder: Path, secrets: list[str]) -> list[str]:
+    """Files under `folder` (relative paths) that hold one of `secrets` or anything shaped like a token."""
+    pattern = re.compile(_TOKEN_PATTERN.pattern.encode())
+    leaked = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if pattern.search(data) or any(secret.encode() in data for secret in secrets):
+            leaked.append(path.relative_to(folder).as_posix())
+    return leaked
 
 
 def _flat_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -506,9 +539,14 @@ def stage(
     data_config: dict[str, Any] | None = None,
     license: str = "apache-2.0",
     datasets: list[str] | None = None,
+    token: str | None = None,
 ) -> list[str]:
     """Build in `staging_dir` exactly what `push` uploads (see the module docstring for the layout) and return
-    the relative paths of its files. `staging_dir` must be new or empty."""
+    the relative paths of its files. `staging_dir` must be new or empty.
+
+    Tokens never reach the staged files: recorded values are scrubbed (`read_run_records`), and if a staged file
+    still holds `token`, this machine's token or anything shaped like one, the staging directory is removed and
+    `HubError` names the files (not the token)."""
     _check_repo_id(repo_id)
     backbone_repo_id = backbone_repo_id or f"{repo_id}{BACKBONE_REPO_SUFFIX}"
     _check_repo_id(backbone_repo_id, "backbone_repo_id")
@@ -548,6 +586,10 @@ def stage(
 
     backbone_dir = export_timm_backbone(model, out / BACKBONE_SUBFOLDER, data_config=data_config, license=license)
     build_backbone_card(repo_id, backbone_repo_id, model.config, license=license).save(backbone_dir / "README.md")
+    leaked = _files_with_secrets(out, known_secrets(token))
+    if leaked:  # e.g. a token in the model config: never leave it in a file, never upload it
+        shutil.rmtree(out)
+        raise HubError(f"a Hugging Face token appears in {', '.join(leaked)}; remove it from {model_dir}")
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
 
 
@@ -590,23 +632,20 @@ def push(
     when `revision` is given, then one `upload_folder` commit per repository.
 
     The token (argument, `HF_TOKEN` or stored login) only goes to `HfApi`; with `api` given, that object's own
-    authentication is used. Failures raise `HubError`.
+    authentication is used. Either way no file holding a token is uploaded (`stage`), and failures raise
+    `HubError` with the token redacted.
     """
-    resolved = None
     if api is None:
-        resolved = resolve_token(token)
-        api = HfApi(token=resolved, library_name="moco_hf", library_version=__version__)
-    secret = resolved or token or ""
+        api = HfApi(token=resolve_token(token), library_name="moco_hf", library_version=__version__)
+    api_token = api.token if isinstance(getattr(api, "token", None), str) else None
+    secrets = known_secrets(token, api_token)
     backbone_repo_id = backbone_repo_id or f"{repo_id}{BACKBONE_REPO_SUFFIX}"
     with tempfile.TemporaryDirectory(prefix="moco_hf_stage_") as tmp:
         staged = Path(tmp) / "repo"
         files = stage(
             model_dir, staged, repo_id, backbone_repo_id=backbone_repo_id, data_config=data_config,
-            license=license, datasets=datasets,
+            license=license, datasets=datasets, token=api_token or token,
         )
-        leaked = [f for f in files if secret and secret.encode() in (staged / f).read_bytes()]
-        if leaked:  # e.g. a token pasted into a recorded command line: never upload it
-            raise HubError(f"the Hugging Face token appears in {', '.join(leaked)}; remove it from {model_dir}")
         message = commit_message or f"Upload MoCo model ({len(files)} files, moco_hf {__version__})"
         uploads = [(repo_id, staged, message)]
         if push_backbone:
@@ -624,7 +663,7 @@ def push(
                 )
             except (HfHubHTTPError, HFValidationError, OSError) as e:
                 reason = f"upload to {target} failed: {type(e).__name__}: {_first_line(e)}"
-                raise HubError(_redact(reason, secret)) from None
+                raise HubError(_redact(reason, secrets)) from None
             commit_urls.append(str(getattr(info, "commit_url", None) or info))
     return PushResult(repo_id, backbone_repo_id if push_backbone else None, files, commit_urls)
 
@@ -642,8 +681,10 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _redact(text: str, secret: str) -> str:
-    return text.replace(secret, "***") if secret else text
+def _redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return _TOKEN_PATTERN.sub("***", text)
 
 
 __all__ = [
@@ -655,6 +696,7 @@ __all__ = [
     "default_data_config",
     "export_timm_backbone",
     "image_processor_from_data_config",
+    "known_secrets",
     "load_moco",
     "push",
     "read_run_records",

@@ -447,14 +447,42 @@ def test_token_is_never_printed_logged_or_written(run, monkeypatch, capsys, capl
     assert TOKEN not in captured.out + captured.err + caplog.text
 
 
-def test_push_refuses_a_token_that_reached_the_card(run, tmp_path):
+def _staged_bytes(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+def test_tokens_in_run_records_never_reach_a_staged_or_uploaded_file(run, tmp_path, monkeypatch):
+    stored = "hf_StoredLoginToken9876543210zyxwvu"  # this machine's token (HF_TOKEN or `hf auth login`)
+    monkeypatch.setenv("HF_TOKEN", stored)
     model_dir = tmp_path / "leaky"
     run.model.save_pretrained(model_dir)
-    (model_dir / "training_config.json").write_text(json.dumps({"command": f"train.py --push --hf {TOKEN}"}))
+    (model_dir / "training_config.json").write_text(json.dumps(
+        {"image_size": 32, "command": f"train.py --push --hf {TOKEN}", "hf_auth": stored, "short": "hf_abc"}))
+    hub.stage(model_dir, tmp_path / "dry", REPO_ID)  # the dry run: scrubbed, not refused
+    staged = _staged_bytes(tmp_path / "dry")
+    assert TOKEN.encode() not in staged and stored.encode() not in staged
+    card = (tmp_path / "dry" / "README.md").read_text()
+    assert "train.py --push --hf ***" in card and "hf_abc" in card  # only what is shaped like a token goes
+    api = FakeApi()  # an HfApi of the caller's own: the same scrubbing
+    hub.push(model_dir, REPO_ID, api=api)
+    uploads = [kw for name, kw in api.calls if name == "upload_folder"]
+    assert len(uploads) == 2 and not any(kw["contains_token"] for kw in uploads)
+
+
+@pytest.mark.parametrize("how", ["stage", "push"])
+def test_a_token_that_reaches_a_staged_file_is_refused_and_nothing_is_left(run, tmp_path, how):
+    model_dir = tmp_path / "leaky"
+    model = moco_hf.MoCoModel(run.model.config)
+    model.config.notes = f"pushed with {TOKEN}"  # a route the record scrubbing does not cover: config.json
+    model.save_pretrained(model_dir)
     api = FakeApi()
-    with pytest.raises(hub.HubError, match="token appears in README.md") as error:
-        hub.push(model_dir, REPO_ID, token=TOKEN, api=api)
+    with pytest.raises(hub.HubError, match="token appears in .*config.json") as error:
+        if how == "stage":
+            hub.stage(model_dir, tmp_path / "dry", REPO_ID)
+        else:
+            hub.push(model_dir, REPO_ID, api=api)
     assert TOKEN not in str(error.value) and api.calls == []
+    assert not (tmp_path / "dry").exists()
 
 
 def test_http_error_becomes_hub_error(run):
