@@ -179,9 +179,11 @@ def load_model(model_dir: str, label_names: list[str], freeze_backbone: bool = F
         if freeze_backbone:
             raise ValueError("freeze_backbone is for MoCo folders; a timm-format folder is fine-tuned entirely")
         return AutoModelForImageClassification.from_pretrained(model_dir, **labels)
-    return MoCoForImageClassification.from_pretrained(
+    model = MoCoForImageClassification.from_pretrained(
         model_dir, freeze_backbone=freeze_backbone, ignore_mismatched_sizes=True, **labels
     )
+    model.reset_classifier()  # a classifier the folder may hold (same shape) is not the fine-tuning's starting point
+    return model
 
 
 def compute_metrics(eval_pred) -> dict:
@@ -203,6 +205,9 @@ def compute_metrics(eval_pred) -> dict:
 def run(args: FinetuneArguments, training_args: TrainingArguments, callbacks: list | None = None) -> FinetuneResult:
     """Fine-tune `args.model_dir` with transformers' Trainer; save the model, processor and metrics to
     `training_args.output_dir`. `callbacks` are extra `TrainerCallback`s."""
+    if training_args.hub_token:
+        raise ValueError("--hub_token would be written into training_args.bin next to the model (Trainer saves its "
+                         "arguments); set HF_TOKEN or log in once with `hf auth login` instead")
     training_args.remove_unused_columns = False  # the raw image column feeds the transform
     preprocessing = preprocessing_for(args.model_dir, args.image_size)
     train, evaluation = build_datasets(args, preprocessing)

@@ -656,6 +656,14 @@ class MoCoForImageClassification(MoCoPreTrainedModel):
     def get_backbone(self) -> nn.Module:
         return self.query_encoder.backbone
 
+    @torch.no_grad()
+    def reset_classifier(self) -> None:
+        """A fresh classifier, N(0, initializer_range) weights and zero bias, even where the checkpoint held one
+        of the same shape (a linear-evaluation or fine-tuned folder): fine-tuning starts from the backbone only."""
+        if isinstance(self.classifier, nn.Linear):
+            nn.init.normal_(self.classifier.weight, std=self.config.initializer_range)
+            nn.init.zeros_(self.classifier.bias)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.config.freeze_backbone:

@@ -159,6 +159,27 @@ def test_local_folder_with_corrupt_images(checkpoint, tmp_path):
     assert json.loads((tmp_path / "ft" / "training_config.json").read_text())["flip_prob"] == 0.5  # not the demo's
 
 
+def test_a_classifier_in_the_folder_is_not_the_starting_point(checkpoint, tmp_path):
+    trained = moco_hf.MoCoForImageClassification.from_pretrained(str(checkpoint), num_labels=3)
+    with torch.no_grad():
+        trained.classifier.weight.fill_(1.0)
+        trained.classifier.bias.fill_(2.0)
+    trained.save_pretrained(tmp_path / "linear")  # e.g. a linear-evaluation output, same number of classes
+    model = finetune.load_model(str(tmp_path / "linear"), ["a", "b", "c"])
+    weight, bias = model.classifier.weight, model.classifier.bias
+    assert 0.005 < weight.std() < 0.02 and abs(weight.mean()) < 0.005 and torch.equal(bias, torch.zeros(3))
+    torch.testing.assert_close(model.get_backbone().state_dict(), trained.get_backbone().state_dict(), rtol=0, atol=0)
+
+
+def test_hub_token_is_refused_before_anything_is_written(checkpoint, tmp_path, capsys):
+    token = "hf_TestSecretToken0123456789abcdef"
+    code = finetune.main(["--model_dir", str(checkpoint), "--output_dir", str(tmp_path / "o"), "--hub_token", token])
+    err = capsys.readouterr().err
+    assert code == 2 and "HF_TOKEN" in err and token not in err
+    assert not (tmp_path / "o").exists() or not any(token.encode() in p.read_bytes()
+                                                    for p in (tmp_path / "o").rglob("*") if p.is_file())
+
+
 def test_command_line(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         finetune.parse_args([])  # --model_dir is required
