@@ -12,10 +12,11 @@ They are ordinary timm models (`timm.create_model("cifar_resnet18", num_classes=
 This file ships next to the modeling code so `trust_remote_code` loading can build them too.
 """
 
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
+SMALL_IMAGE_RESNETS = ("cifar_resnet18", "cifar_resnet10_slim")  # what importing this module registers
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -34,9 +35,8 @@ class SmallImageResNet(ResNet):
             info["reduction"] = reduction
 
 
-def _cfg(name: str) -> dict:
+def _cfg() -> dict:
     return {
-        "architecture": name,
         "num_classes": 10,
         "input_size": (3, 32, 32),
         "pool_size": (4, 4),
@@ -49,15 +49,13 @@ def _cfg(name: str) -> dict:
     }
 
 
+# No weights of their own (a MoCo checkpoint, or its timm export, provides them): with `pretrained=True`, timm's
+# builder loads the file or folder given as `pretrained_cfg_overlay=dict(file=...)` or `local-dir:`.
+default_cfgs = generate_default_cfgs({"cifar_resnet18": _cfg(), "cifar_resnet10_slim": _cfg()})
+
+
 def _create(name: str, pretrained: bool, **kwargs) -> SmallImageResNet:
-    if pretrained:
-        raise ValueError(f"{name} has no pretrained weights; load a MoCo checkpoint instead")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory arguments
-        kwargs.pop(key, None)
-    kwargs.setdefault("num_classes", 10)
-    model = SmallImageResNet(**kwargs)
-    model.pretrained_cfg = model.default_cfg = _cfg(name)
-    return model
+    return build_model_with_cfg(SmallImageResNet, name, pretrained, **kwargs)
 
 
 @register_model

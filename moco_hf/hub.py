@@ -47,6 +47,7 @@ from transformers import BitImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from . import __version__
+from .backbones import SMALL_IMAGE_RESNETS
 from .configuration_moco import MoCoConfig
 from .modeling_moco import MoCoForImageClassification, MoCoModel
 
@@ -403,7 +404,7 @@ def build_model_card(
     lines += ["", "## Model configuration", "", *_table(model_config)]
     if training:
         lines += ["", "## Training configuration", "", *_table(training)]
-    lines += ["", "## Usage", "", _usage(repo_id, backbone_repo_id)]
+    lines += ["", "## Usage", "", _usage(repo_id, backbone_repo_id, config.backbone)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
@@ -416,7 +417,14 @@ def _table(values: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _usage(repo_id: str, backbone_repo_id: str) -> str:
+def _timm_import(backbone: str) -> str:
+    """The import a timm snippet needs first for an architecture moco_hf registers (plain timm lacks it)."""
+    if backbone in SMALL_IMAGE_RESNETS:
+        return f"import moco_hf  # registers {backbone} with timm (plain timm does not know it)\n"
+    return ""
+
+
+def _usage(repo_id: str, backbone_repo_id: str, backbone: str) -> str:
     return f'''Features with transformers only (the modeling code ships with the weights):
 
 ```python
@@ -444,7 +452,7 @@ classifier = moco_hf.MoCoForImageClassification.from_pretrained("{repo_id}", num
 The backbone alone, in timm's format (`{backbone_repo_id}`, the same files as `{BACKBONE_SUBFOLDER}/` here):
 
 ```python
-import timm
+{_timm_import(backbone)}import timm
 from transformers import AutoModel, AutoModelForImageClassification
 
 backbone = timm.create_model("hf-hub:{backbone_repo_id}", pretrained=True)  # num_classes=0: pooled features
@@ -471,7 +479,7 @@ The query backbone of [{repo_id}](https://huggingface.co/{repo_id}) without clas
 in timm's format.
 
 ```python
-import timm
+{_timm_import(config.backbone)}import timm
 from transformers import AutoModel
 
 backbone = timm.create_model("hf-hub:{backbone_repo_id}", pretrained=True)

@@ -205,6 +205,26 @@ def test_export_keeps_backbone_kwargs(tmp_path, backbone, kwargs):
         assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
 
 
+@pytest.mark.parametrize("backbone", ["cifar_resnet10_slim", "cifar_resnet18"])
+def test_small_image_resnets_load_from_their_export(tmp_path, backbone):
+    """The CIFAR backbones (registered by moco_hf) load from the timm export as the cards show: local-dir:, a
+    weights file with num_classes=0, and transformers' TimmWrapper."""
+    model = moco_hf.MoCoModel(moco_hf.MoCoConfig(backbone=backbone, embed_dim=8, queue_size=16)).eval()
+    out = hub.export_timm_backbone(model, tmp_path / "backbone")
+    x = _images()
+    with torch.no_grad():
+        reference = model(x).pooler_output
+        torch.testing.assert_close(timm.create_model(f"local-dir:{out}", pretrained=True).eval()(x), reference)
+        weights = dict(file=str(out / "model.safetensors"))
+        from_file = timm.create_model(backbone, pretrained=True, num_classes=0, pretrained_cfg_overlay=weights)
+        torch.testing.assert_close(from_file.eval()(x), reference)
+        torch.testing.assert_close(AutoModel.from_pretrained(out).eval()(x).pooler_output, reference)
+        assert timm.create_model(backbone, num_classes=0)(x).shape == reference.shape  # no weights asked: none loaded
+    cards = hub.build_model_card(tmp_path, "me/m", config=model.config).content + hub.build_backbone_card(
+        "me/m", "me/m-timm", model.config).content
+    assert cards.count(f"import moco_hf  # registers {backbone} with timm") == 2  # before each timm snippet
+
+
 def test_remote_code_without_moco_hf(run, staged, tmp_path):
     """trust_remote_code loading and the feature-extraction pipeline in a process where moco_hf cannot be imported."""
     x = _images()
