@@ -40,6 +40,8 @@ from moco_hf.data import (
     TwoViewTransform,
     collate_encoded,
     collate_two_views,
+    integer_labels,
+    label_index,
     load_source,
 )
 from moco_hf.evaluation import extract_features, knn_accuracy, record_metrics
@@ -157,7 +159,7 @@ def build_knn_loaders(cfg: PretrainConfig, stats: dict):
     if not cfg.eval_split:
         return None
     transform = EvalTransform(cfg.image_size, stats["mean"], stats["std"], crop_pct=1.0)
-    loaders = []
+    loaders, label_map = [], None
     for split, limit in ((cfg.train_split, cfg.knn_max_train_samples), (cfg.eval_split, cfg.knn_max_eval_samples)):
         try:
             source = load_source(split, cfg.dataset_name, cfg.dataset_config, cfg.train_dir, cfg.image_column,
@@ -170,7 +172,9 @@ def build_knn_loaders(cfg: PretrainConfig, stats: dict):
             return None
         # A fixed shuffle before the cap, so a capped bank is not just the first classes of a sorted folder.
         subset = source.dataset.shuffle(seed=0, buffer_size=cfg.shuffle_buffer).take(limit)
-        stream = LabeledStream(subset, source.image_column, source.label_column, transform)
+        if not loaders and not integer_labels(source.dataset, source.label_column):
+            label_map = label_index(subset, source.label_column)  # class names: the bank's, for both splits
+        stream = LabeledStream(subset, source.image_column, source.label_column, transform, label_map=label_map)
         loaders.append(torch.utils.data.DataLoader(stream, batch_size=256, num_workers=min(cfg.num_workers, 1),
                                                    generator=torch.Generator()))
     return tuple(loaders)

@@ -396,13 +396,35 @@ def collate_two_views(samples):
     return torch.stack(views_q), torch.stack(views_k), sum(skipped)
 
 
-class LabeledStream(torch.utils.data.IterableDataset):
-    """Decoded, eval-transformed images with labels (kNN monitor, linear evaluation); corrupt images skipped."""
+def integer_labels(hf_dataset, label_column: str) -> bool:
+    """Whether `label_column` holds class indices (a ClassLabel or integers) rather than names: from the features
+    where the dataset declares them, else from its first example."""
+    from datasets import ClassLabel
 
-    def __init__(self, hf_dataset, image_column: str, label_column: str | None, transform, limit: int | None = None):
+    features = getattr(hf_dataset, "features", None)
+    if features is not None and label_column in features:
+        feature = features[label_column]
+        return isinstance(feature, ClassLabel) or str(getattr(feature, "dtype", "")).startswith(("int", "uint"))
+    first = next(iter(hf_dataset), None)
+    return first is None or isinstance(first[label_column], int)
+
+
+def label_index(hf_dataset, label_column: str) -> dict[str, int]:
+    """Class name -> index, the names of `hf_dataset`'s labels in sorted order (as `load_labeled_split`)."""
+    names = {str(example[label_column]) for example in hf_dataset.select_columns([label_column])}
+    return {name: i for i, name in enumerate(sorted(names))}
+
+
+class LabeledStream(torch.utils.data.IterableDataset):
+    """Decoded, eval-transformed images with labels (kNN monitor, linear evaluation); corrupt images skipped.
+
+    `label_map` turns label names into indices (a name it lacks becomes -1: never a correct prediction)."""
+
+    def __init__(self, hf_dataset, image_column: str, label_column: str | None, transform, limit: int | None = None,
+                 label_map: dict[str, int] | None = None):
         super().__init__()
         self.hf_dataset, self.image_column, self.label_column = hf_dataset, image_column, label_column
-        self.transform, self.limit = transform, limit
+        self.transform, self.limit, self.label_map = transform, limit, label_map
 
     def __iter__(self):
         seen = 0
@@ -413,8 +435,9 @@ class LabeledStream(torch.utils.data.IterableDataset):
             if image is None:
                 continue
             label = example[self.label_column] if self.label_column else -1
+            label = self.label_map.get(str(label), -1) if self.label_map is not None else int(label)
             seen += 1
-            yield self.transform(image), int(label)
+            yield self.transform(image), label
 
 
 def read_bytes(value) -> bytes | None:

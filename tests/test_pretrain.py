@@ -193,6 +193,38 @@ def test_dataset_without_image_column_and_empty_folder(tmp_path):
         pretrain.train(tiny_config(tmp_path, "--train_dir", str(empty), "--max_steps", "1"))
 
 
+def test_knn_monitor_with_class_names_for_labels(tmp_path):
+    """A label column of class names (a parquet split, not a ClassLabel): the kNN monitor maps the bank's names to
+    sorted indices for both splits; a name only the eval split has counts as a wrong prediction."""
+    import io as _io
+
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    colours = {"cat": (200, 30, 30), "dog": (30, 200, 30), "bird": (30, 30, 200), "fish": (200, 200, 30)}
+
+    def split(names, count):
+        images = []
+        for i in range(count):
+            buffer = _io.BytesIO()
+            Image.new("RGB", (24, 24), colours[names[i % len(names)]]).save(buffer, format="PNG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+        labels = [names[i % len(names)] for i in range(count)]
+        features = Features({"image": ImageFeature(), "label": Value("string")})
+        return Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    for name, names, count in (("train", ["cat", "dog", "bird"], 48), ("test", ["dog", "fish"], 8)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        split(names, count).to_parquet(str(tmp_path / "data" / name / "part-0.parquet"))
+    cfg = tiny_config(tmp_path, "--train_dir", str(tmp_path / "data"), "--max_steps", "2", "--num_workers", "0")
+    bank, test = pretrain.build_knn_loaders(cfg, pretrain.data_stats(pretrain.build_model(cfg)))
+    bank_labels = torch.cat([labels for _, labels in bank])
+    assert sorted(bank_labels.unique().tolist()) == [0, 1, 2]  # bird, cat, dog
+    assert sorted(torch.cat([labels for _, labels in test]).tolist()) == [-1] * 4 + [2] * 4  # fish (no bank), dog
+    metrics = pretrain.train(cfg).metrics
+    assert 0.0 <= metrics["knn_acc"] <= 50.0  # the fish half can never be right
+
+
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("batch_size: 64\nlr_steps: [3, 4]\nbackbone: test_vit\n")
