@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageFilter
 from torchvision.transforms.v2 import functional as TF
@@ -165,6 +166,17 @@ class EvalTransform:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grey image as 8-bit grey: `convert("RGB")` would clip it at 255 (a 16-bit
+    PNG would come out almost white). 16-bit values are divided by 257; float images in [0, 1] are scaled by 255."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) > 255):
+        array = array / 257.0
+    elif image.mode == "F" and array.max(initial=0) <= 1.0:
+        array = array * 255.0
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+
+
 def decode_image(value) -> Image.Image | None:
     """RGB PIL image from a datasets image value (dict with bytes/path, PIL image, raw bytes or a path).
 
@@ -186,6 +198,8 @@ def decode_image(value) -> Image.Image | None:
             image = Image.open(source)
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            image = _to_8_bits(image)
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
         if image.mode != "RGB":
@@ -628,17 +642,12 @@ class ThreadDecoder:
 
     @staticmethod
     def _decode_one(data: torch.Tensor) -> torch.Tensor | None:
-        """H x W x 3 uint8 (RGB), or None if `data` is not a readable image (JPEG, PNG, GIF, WebP; grey, RGBA and
-        CMYK come out as RGB)."""
-        from torchvision.io import ImageReadMode, decode_image
+        """H x W x 3 uint8 (RGB), or None if `data` is not a readable image (`gpu_augment.decode_rgb`: grey, RGBA,
+        CMYK and 16-bit images come out as 8-bit RGB)."""
+        from .gpu_augment import decode_rgb
 
-        try:
-            image = decode_image(data, mode=ImageReadMode.RGB)
-        except Exception:  # noqa: BLE001 - corrupt or unsupported data: skipped and counted
-            return None
-        if image.ndim != 3 or image.shape[0] != 3 or image[0].numel() == 0:
-            return None
-        return image.permute(1, 2, 0).contiguous()  # the decoder's own H x W x 3 layout: no copy
+        image = decode_rgb(data)
+        return image.permute(1, 2, 0).contiguous() if image is not None else None  # decoders' H x W x 3: no copy
 
     def decode(self, data: list[torch.Tensor], device) -> tuple[ImageChunk, int]:
         """(the readable images of `data` on `device`, how many were not)."""

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -796,6 +797,27 @@ def _to_rgb(image: Tensor) -> Tensor:
     return image[:3]
 
 
+def decode_rgb(data: Tensor) -> Tensor | None:
+    """One encoded image (a uint8 tensor of its bytes) as 3 x H x W uint8 RGB on the CPU, or None if unreadable.
+
+    `torchvision.io.decode_image` first (JPEG, PNG, GIF, WebP); 16-bit PNGs, which it returns as uint16, are
+    scaled to 8 bits. What it cannot read (TIFF, BMP, ...) goes through PIL, as the CPU augmentation path does."""
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except Exception:  # noqa: BLE001 - not a format torchvision reads, or corrupt
+        from .data import decode_image as decode_with_pil
+
+        pil = decode_with_pil(data.numpy().tobytes())
+        if pil is None:
+            return None
+        image = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
+    if image.dtype == torch.uint16:
+        image = torch.round(image.float() / 257).to(torch.uint8)  # 0-65535 to 0-255, as the CPU path
+    if image.dtype != torch.uint8 or image.ndim != 3 or image[0].numel() == 0:
+        return None
+    return _to_rgb(image)
+
+
 def _as_byte_tensor(data) -> Tensor:
     if isinstance(data, Tensor):
         return data.reshape(-1).to("cpu", torch.uint8)
@@ -807,8 +829,8 @@ def decode_jpegs(data: Sequence[bytes | bytearray | memoryview | Tensor], device
 
     On CUDA, one batched `torchvision.io.decode_jpeg(..., device="cuda")` (nvJPEG); if that call fails (one corrupt
     or non-JPEG file fails the whole call), each image is retried alone on the GPU, then on the CPU with
-    `torchvision.io.decode_image` (JPEG, PNG, GIF, WebP; CMYK JPEGs too), then skipped. On CPU, `decode_image`.
-    Grey and CMYK images come out as RGB (ImageReadMode.RGB).
+    `decode_rgb` (torchvision's `decode_image`: JPEG, PNG, GIF, WebP, CMYK JPEGs; PIL for the rest; 16-bit PNGs
+    scaled to 8 bits), then skipped. On CPU, `decode_rgb`. Grey and CMYK images come out as RGB.
 
     Returns:
         `DecodedImages(images, num_failed, kept)`: the decoded images, how many inputs were skipped, and the input
@@ -837,11 +859,9 @@ def decode_jpegs(data: Sequence[bytes | bytearray | memoryview | Tensor], device
                     except Exception:  # noqa: BLE001
                         pass
         for i in valid:
-            if decoded[i] is None:
-                try:
-                    decoded[i] = decode_image(tensors[i], mode=ImageReadMode.RGB).to(device)
-                except Exception:  # noqa: BLE001 - corrupt or unsupported data: skip it and count it
-                    pass
+            if decoded[i] is None:  # corrupt or unsupported data stays None: skipped and counted
+                image = decode_rgb(tensors[i])
+                decoded[i] = image.to(device) if image is not None else None
     kept = [i for i, image in enumerate(decoded) if image is not None and image.ndim == 3 and image[0].numel() > 0]
     return DecodedImages([_to_rgb(decoded[i]) for i in kept], len(data) - len(kept), kept)
 

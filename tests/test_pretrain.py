@@ -568,6 +568,39 @@ def test_thread_decoder_matches_the_workers_decode():
     assert skipped == 2 and torch.equal(chunk.sizes, reference.sizes) and torch.equal(chunk.pixels, reference.pixels)
 
 
+def test_16_bit_tiff_and_bmp_images_decode_alike_on_every_path():
+    """A 16-bit grey PNG is scaled to 8 bits (not clipped to white), and TIFF / BMP, which torchvision does not
+    read, decode through PIL: on the CPU path, the workers' decode and the threads' decode alike."""
+    import io
+
+    import numpy as np
+    from moco_hf.data import ThreadDecoder, decode_image
+    from moco_hf.gpu_augment import decode_jpegs
+
+    def encode(image, fmt):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+    ramp = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    expected = torch.from_numpy(np.rint(ramp / 257).astype(np.int16))
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    encoded = [encode(Image.fromarray(ramp), "PNG"), encode(rgb, "TIFF"), encode(rgb, "BMP")]
+
+    grey = torch.from_numpy(np.array(decode_image(encoded[0].numpy().tobytes()))).permute(2, 0, 1)  # CPU path
+    assert (grey.short() - expected).abs().max() <= 1 and torch.equal(grey[0], grey[2])
+    workers = decode_jpegs(encoded)
+    assert workers.num_failed == 0 and all(image.dtype == torch.uint8 for image in workers.images)
+    assert torch.equal(workers.images[0].short(), grey.short())  # the same scaling as the CPU path
+    for image in workers.images[1:]:
+        assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(np.array(rgb)))
+    decoder = ThreadDecoder(2)
+    chunk, skipped = decoder.decode(encoded, torch.device("cpu"))
+    decoder.close()
+    flat = [image.permute(1, 2, 0).reshape(-1, 3) for image in workers.images]
+    assert skipped == 0 and torch.equal(chunk.pixels, torch.cat(flat))
+
+
 def test_streamed_device_path_resumes_exactly_with_carried_images(tmp_path):
     """gpu_augment on, streamed (no cache), bytes decoded by threads: unreadable files make chunks short, so images
     are carried from one batch into the next; the checkpoint saves them as a position and the resumed run reads
