@@ -154,6 +154,18 @@ def chunk_loader(cfg: PretrainConfig, dataset, collate, chunk: int, pin_memory: 
     )
 
 
+def check_workers_fill_chunks(cfg: PretrainConfig, processes: int, num_examples: int, chunk: int) -> None:
+    """Streamed batches are joined from the workers' whole chunks (each worker's last partial chunk is dropped):
+    a worker whose part of the split holds less than a chunk delivers nothing. Say so before starting."""
+    readers = processes * max(1, cfg.num_workers)
+    if num_examples // readers < chunk:
+        most = max(1, num_examples // (processes * chunk))
+        raise ValueError(
+            f"{num_examples} images over {processes} process(es) x {max(1, cfg.num_workers)} DataLoader worker(s) "
+            f"leave about {num_examples // readers} per worker, fewer than one chunk of {chunk} (workers deliver "
+            f"whole chunks): set num_workers to at most {most}, or a smaller batch_size")
+
+
 def build_knn_loaders(cfg: PretrainConfig, stats: dict):
     """(memory-bank loader, test loader) for the kNN monitor, or None when there is no labelled eval split."""
     if not cfg.eval_split:
@@ -286,6 +298,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     steps_per_epoch = max(1, num_examples // cfg.batch_size)
     if num_examples < cfg.batch_size:
         raise ValueError(f"the training split has {num_examples} images, fewer than batch_size={cfg.batch_size}")
+
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * steps_per_epoch
     lr = cfg.base_lr * cfg.batch_size / 256
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -352,10 +365,12 @@ def train(cfg: PretrainConfig) -> TrainResult:
             skipped += cache.num_skipped
         accelerator.print(f"device cache: {len(cache)} decoded images ({cache.nbytes / 2**20:.0f} MiB) on {device}, "
                           f"{views.batches_per_epoch} batches per epoch")
-    elif gpu_views:
-        views = GPUViews(batches, device, make_gpu_augment(cfg, stats), cfg.seed, rank, per_process, decoder)
-    else:
-        views = CPUViews(batches, device, cfg.channels_last, per_process)
+    else:  # streamed: batches joined from the workers' chunks
+        check_workers_fill_chunks(cfg, accelerator.num_processes, num_examples, loader.batch_size)
+        if gpu_views:
+            views = GPUViews(batches, device, make_gpu_augment(cfg, stats), cfg.seed, rank, per_process, decoder)
+        else:
+            views = CPUViews(batches, device, cfg.channels_last, per_process)
     if saved_unit and saved_unit != views.position_unit:  # saved while streaming, resumed from the cache, or back
         state.batches_in_epoch = state.batches_in_epoch * saved_unit // views.position_unit
         accelerator.print(f"data position converted from units of {saved_unit} to {views.position_unit} images")

@@ -1,5 +1,6 @@
 """pretrain.py end to end on CPU: the embedded demo path, exact resume, checkpoints, config handling."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -176,6 +177,14 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path, capsys, args, messa
     code = pretrain.main(TINY + ["--output_dir", str(tmp_path / "out"), *args])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_more_workers_than_a_small_split_fills_is_a_clear_error(tmp_path):
+    root = make_image_folder(tmp_path / "images", per_class=12)  # 36 training images, chunks of 16
+    cfg = tiny_config(tmp_path, "--train_dir", str(root), "--eval_split", "none", "--max_steps", "1")
+    with pytest.raises(ValueError, match="about 9 per worker, fewer than one chunk of 16.*num_workers to at most 2"):
+        pretrain.train(dataclasses.replace(cfg, num_workers=4))
+    assert pretrain.train(dataclasses.replace(cfg, num_workers=2)).state.step == 1
 
 
 def test_dataset_without_image_column_and_empty_folder(tmp_path):
