@@ -165,7 +165,7 @@ def build_transforms(args: FinetuneArguments, preprocessing: Preprocessing):
     train = TrainTransform(size, mean, std, augmentation["crop_min_scale"], augmentation["flip_prob"],
                            preprocessing.interpolation)
     crop_pct = args.eval_crop_pct or preprocessing.crop_pct
-    return train, EvalTransform(size, mean, std, crop_pct=crop_pct)
+    return train, EvalTransform(size, mean, std, crop_pct=crop_pct, interpolation=preprocessing.interpolation)
 
 
 def load_model(model_dir: str, label_names: list[str], freeze_backbone: bool = False):

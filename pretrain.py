@@ -500,7 +500,7 @@ def finish(cfg, accelerator, unwrapped, knn_loaders, history, state, metrics, st
         with open(os.path.join(final, "training_config.json"), "w") as f:
             # The eval transform of the kNN monitor travels with the weights (image processor, model card).
             json.dump({**dataclasses.asdict(cfg), "mean": list(stats["mean"]), "std": list(stats["std"]),
-                       "eval_crop_pct": 1.0}, f, indent=2)
+                       "eval_crop_pct": 1.0, "interpolation": "bilinear"}, f, indent=2)
         save_image_processor(unwrapped, final, default_data_config(final))  # AutoImageProcessor reads the folder
         record_metrics(final, metrics)
         plot_history(history, os.path.join(cfg.output_dir, "training_curves.png"))

@@ -149,15 +149,21 @@ class TwoViewTransform:
         return self.view(image, g), self.view(image, g)
 
 
+def interpolation_mode(name: str) -> TF.InterpolationMode:
+    """torchvision's mode for a timm / PIL interpolation name (nearest, bicubic; anything else bilinear)."""
+    return TF.InterpolationMode(name if name in ("nearest", "bicubic") else "bilinear")
+
+
 class EvalTransform:
     """Resize the shorter side to size / crop_pct, center crop `size`, normalise (kNN monitor and evaluation)."""
 
-    def __init__(self, size: int, mean, std, crop_pct: float = 1.0):
+    def __init__(self, size: int, mean, std, crop_pct: float = 1.0, interpolation: str = "bilinear"):
         self.size, self.mean, self.std = int(size), list(mean), list(std)
         self.resize = int(math.floor(size / crop_pct))
+        self.interpolation = interpolation_mode(interpolation)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = TF.center_crop(TF.resize(image, self.resize, interpolation=TF.InterpolationMode.BILINEAR), self.size)
+        image = TF.center_crop(TF.resize(image, self.resize, interpolation=self.interpolation), self.size)
         return TF.normalize(TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True), self.mean, self.std)
 
 
@@ -734,7 +740,7 @@ class TrainTransform:
                  interpolation: str = "bilinear"):
         from torchvision.transforms import v2
 
-        mode = v2.InterpolationMode(interpolation if interpolation in ("nearest", "bicubic") else "bilinear")
+        mode = interpolation_mode(interpolation)
         self.transform = v2.Compose([
             v2.RandomResizedCrop(int(size), scale=(float(crop_min_scale), 1.0), interpolation=mode, antialias=True),
             v2.RandomHorizontalFlip(flip_prob),

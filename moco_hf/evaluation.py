@@ -362,7 +362,8 @@ def run_linear_eval(model, train: LabeledSplit, evaluation: LabeledSplit, prepro
     size, mean, std = preprocessing.image_size, preprocessing.mean, preprocessing.std
     from .data import EvalTransform
 
-    eval_transform = EvalTransform(size, mean, std, crop_pct=cfg.crop_pct)
+    # train and eval views resized alike, as the processor saved with the classifier says
+    eval_transform = EvalTransform(size, mean, std, crop_pct=cfg.crop_pct, interpolation=preprocessing.interpolation)
     collator = ClassificationCollator()
     pin = device.type == "cuda"
     eval_loader = make_loader(evaluation.with_transform(eval_transform), cfg.batch_size, collator, cfg.num_workers,

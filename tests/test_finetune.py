@@ -171,6 +171,21 @@ def test_a_classifier_in_the_folder_is_not_the_starting_point(checkpoint, tmp_pa
     torch.testing.assert_close(model.get_backbone().state_dict(), trained.get_backbone().state_dict(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_train_and_eval_views_are_resized_alike(interpolation):
+    from torchvision.transforms.v2 import functional as TF
+
+    preprocessing = evaluation.Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875,
+                                             interpolation=interpolation)
+    train, evaluate = finetune.build_transforms(digits_args("m"), preprocessing)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    mode = TF.InterpolationMode(interpolation)
+    expected = TF.normalize(TF.to_dtype(TF.pil_to_tensor(TF.center_crop(TF.resize(image, 36, interpolation=mode), 32)),
+                                        torch.float32, scale=True), [0.5] * 3, [0.5] * 3)
+    torch.testing.assert_close(evaluate(image), expected)
+    assert str(train.transform.transforms[0].interpolation) == str(mode)
+
+
 def test_hub_token_is_refused_before_anything_is_written(checkpoint, tmp_path, capsys):
     token = "hf_TestSecretToken0123456789abcdef"
     code = finetune.main(["--model_dir", str(checkpoint), "--output_dir", str(tmp_path / "o"), "--hub_token", token])

@@ -68,6 +68,9 @@ def test_demo_run_end_to_end(tmp_path, capsys):
     from transformers import AutoImageProcessor, AutoModel
 
     # the kNN monitor's eval transform travels with the weights: resize and center crop to 32 px, the run's mean/std
+    from moco_hf.hub import default_data_config
+
+    assert default_data_config(final)["interpolation"] == "bilinear"  # what the kNN monitor resized with
     processor = AutoImageProcessor.from_pretrained(str(final))
     pixels = processor(Image.new("RGB", (48, 40), (255, 0, 0)), return_tensors="pt").pixel_values
     assert pixels.shape == (1, 3, 32, 32)
