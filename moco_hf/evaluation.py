@@ -107,7 +107,6 @@ def record_metrics(model_dir: str | os.PathLike, metrics: dict) -> dict:
 # Preprocessing of a checkpoint
 # ---------------------------------------------------------------------------------------------------------
 
-_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 @dataclass(frozen=True)
@@ -151,26 +150,6 @@ def is_timm_folder(config: dict) -> bool:
     return "architecture" in config and "model_type" not in config
 
 
-def _processor_data_config(path: str) -> dict:
-    """timm data-config overrides from a BitImageProcessor's preprocessor_config.json (a staged or downloaded model)."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        proc = json.load(f)
-    out = {}
-    crop, size = proc.get("crop_size") or {}, proc.get("size") or {}
-    if isinstance(crop, dict) and crop.get("height"):
-        out["input_size"] = (3, int(crop["height"]), int(crop.get("width", crop["height"])))
-        short = size.get("shortest_edge") or size.get("height") if isinstance(size, dict) else None
-        if short:
-            out["crop_pct"] = int(crop["height"]) / int(short)
-    if proc.get("image_mean") and proc.get("image_std"):
-        out["mean"], out["std"] = tuple(proc["image_mean"]), tuple(proc["image_std"])
-    if proc.get("resample") in _PIL_RESAMPLE:
-        out["interpolation"] = _PIL_RESAMPLE[proc["resample"]]
-    return out
-
-
 def preprocessing_for(model_dir: str | os.PathLike, image_size: int | None = None) -> Preprocessing:
     """The preprocessing that a MoCo or timm-format model folder was trained with.
 
@@ -183,9 +162,7 @@ def preprocessing_for(model_dir: str | os.PathLike, image_size: int | None = Non
 
     config = read_model_config(model_dir)
     if config.get("model_type") == MoCoConfig.model_type:
-        override = hub.default_data_config(model_dir) or _processor_data_config(
-            os.path.join(model_dir, "preprocessor_config.json")
-        )
+        override = hub.default_data_config(model_dir)
         if image_size:
             override["input_size"] = (3, int(image_size), int(image_size))
         data = hub.resolve_data_config(MoCoConfig.from_pretrained(model_dir), override)

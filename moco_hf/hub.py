@@ -504,9 +504,31 @@ def _check_repo_id(repo_id: str, what: str = "repo_id") -> None:
         raise HubError(f"{what} {repo_id!r} must name its owner: USER/NAME or ORG/NAME")
 
 
+def processor_data_config(path: str | os.PathLike) -> dict[str, Any]:
+    """timm data-config overrides from a BitImageProcessor's preprocessor_config.json ({} where there is none)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        proc = json.load(f)
+    out: dict[str, Any] = {}
+    crop, size = proc.get("crop_size") or {}, proc.get("size") or {}
+    if isinstance(crop, dict) and crop.get("height"):
+        out["input_size"] = (3, int(crop["height"]), int(crop.get("width", crop["height"])))
+        short = size.get("shortest_edge") or size.get("height") if isinstance(size, dict) else None
+        if short:
+            out["crop_pct"] = int(crop["height"]) / int(short)
+    if proc.get("image_mean") and proc.get("image_std"):
+        out["mean"], out["std"] = tuple(proc["image_mean"]), tuple(proc["image_std"])
+    names = {int(resample): name for name, resample in _RESAMPLE.items()}
+    if proc.get("resample") in names:
+        out["interpolation"] = names[proc["resample"]]
+    return out
+
+
 def default_data_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     """Eval preprocessing recorded by the run, as a timm data-config override: `image_size`, `eval_crop_pct` or
-    `crop_pct`, `interpolation`, `mean`, `std` from `training_config.json` / `training_args.json`.
+    `crop_pct`, `interpolation`, `mean`, `std` from `training_config.json` / `training_args.json`; where the
+    folder records none (a linear-evaluation output, a staged or downloaded model), its preprocessor_config.json.
 
     A run that records its image size but no crop fraction gets crop_pct 1.0 (resize the shorter side to the size,
     center crop): that is the transform of moco_hf's kNN monitor (pretrain.py), so the published processor matches
@@ -535,7 +557,7 @@ def default_data_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("mean", "std"):
         if isinstance(found.get(key), (list, tuple)) and len(found[key]) == 3:
             out[key] = tuple(float(v) for v in found[key])
-    return out
+    return out or processor_data_config(Path(model_dir) / "preprocessor_config.json")
 
 
 def stage(
@@ -706,6 +728,7 @@ __all__ = [
     "image_processor_from_data_config",
     "known_secrets",
     "load_moco",
+    "processor_data_config",
     "push",
     "read_run_records",
     "resolve_data_config",

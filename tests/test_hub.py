@@ -333,6 +333,21 @@ def test_default_data_config_follows_the_run_records(tmp_path):
     assert hub.default_data_config(tmp_path / "nothing") == {}
 
 
+def test_a_folder_without_run_records_keeps_its_own_processor_when_staged(run, tmp_path):
+    """A linear-evaluation output or a downloaded model records no training config: its preprocessor_config.json
+    is the eval transform, and staging keeps it rather than falling back to timm's defaults."""
+    folder = tmp_path / "linear"
+    run.model.save_pretrained(folder)
+    own = {"input_size": (3, 32, 32), "crop_pct": 32 / 36, "interpolation": "bicubic", "mean": (0.4, 0.4, 0.4),
+           "std": (0.2, 0.2, 0.2)}
+    hub.save_image_processor(run.model, folder, own)
+    hub.stage(folder, tmp_path / "staged", REPO_ID)
+    staged = json.loads((tmp_path / "staged" / "preprocessor_config.json").read_text())
+    assert staged["crop_size"] == {"height": 32, "width": 32} and staged["size"] == {"shortest_edge": 36}
+    assert staged["resample"] == 3 and staged["image_mean"] == [0.4, 0.4, 0.4]  # bicubic, the folder's own
+    assert hub.default_data_config(tmp_path / "staged") == hub.default_data_config(folder)  # and again when re-staged
+
+
 def test_saved_processor_loads_with_auto_image_processor(run, tmp_path):
     processor = hub.save_image_processor(run.model, tmp_path, {"input_size": (3, 224, 224), "crop_pct": 0.875})
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
