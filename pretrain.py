@@ -138,32 +138,20 @@ def build_train_loader(cfg: PretrainConfig, accelerator, stats: dict, gpu: bool 
     return dataset, loader, source.num_examples
 
 
-def chunk_loader(cfg: PretrainConfig, dataset, collate, chunk: int, pin_memory: bool, drop_last: bool = True):
-    """Workers deliver chunks (a divisor of the per-process batch) that the loop joins into batches: a worker never
-    has to fill a whole batch from its own shards, so little is dropped at the end of each worker's part."""
+def chunk_loader(cfg: PretrainConfig, dataset, collate, chunk: int, pin_memory: bool):
+    """Workers deliver chunks (a divisor of the per-process batch) that the views join into batches, carrying the
+    images beyond a batch into the next one: a worker's last, partial chunk of an epoch is used too."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=chunk,
         num_workers=cfg.num_workers,
         collate_fn=collate,
-        drop_last=drop_last,
+        drop_last=False,
         prefetch_factor=4 if cfg.num_workers > 0 else None,
         pin_memory=pin_memory,
         generator=torch.Generator(),  # keeps loader seeding off the global RNG (exact resume)
         persistent_workers=False,
     )
-
-
-def check_workers_fill_chunks(cfg: PretrainConfig, processes: int, num_examples: int, chunk: int) -> None:
-    """Streamed batches are joined from the workers' whole chunks (each worker's last partial chunk is dropped):
-    a worker whose part of the split holds less than a chunk delivers nothing. Say so before starting."""
-    readers = processes * max(1, cfg.num_workers)
-    if num_examples // readers < chunk:
-        most = max(1, num_examples // (processes * chunk))
-        raise ValueError(
-            f"{num_examples} images over {processes} process(es) x {max(1, cfg.num_workers)} DataLoader worker(s) "
-            f"leave about {num_examples // readers} per worker, fewer than one chunk of {chunk} (workers deliver "
-            f"whole chunks): set num_workers to at most {most}, or a smaller batch_size")
 
 
 def build_knn_loaders(cfg: PretrainConfig, stats: dict):
@@ -239,9 +227,7 @@ def build_device_cache(cfg: PretrainConfig, dataset, loader, device: torch.devic
         if sample is not None and sample * expected_images > 2 * max_bytes:
             return None
     dataset.set_epoch(0)
-    every_image = chunk_loader(cfg, dataset, loader.collate_fn, loader.batch_size, loader.pin_memory,
-                               drop_last=False)  # every image once: the workers' last, partial chunks too
-    return DeviceImageCache.build((ImageChunk.from_chunk(chunk, device, decoder) for chunk in every_image),
+    return DeviceImageCache.build((ImageChunk.from_chunk(chunk, device, decoder) for chunk in loader),  # every image
                                   max_bytes, expected_images)
 
 
@@ -365,12 +351,10 @@ def train(cfg: PretrainConfig) -> TrainResult:
             skipped += cache.num_skipped
         accelerator.print(f"device cache: {len(cache)} decoded images ({cache.nbytes / 2**20:.0f} MiB) on {device}, "
                           f"{views.batches_per_epoch} batches per epoch")
-    else:  # streamed: batches joined from the workers' chunks
-        check_workers_fill_chunks(cfg, accelerator.num_processes, num_examples, loader.batch_size)
-        if gpu_views:
-            views = GPUViews(batches, device, make_gpu_augment(cfg, stats), cfg.seed, rank, per_process, decoder)
-        else:
-            views = CPUViews(batches, device, cfg.channels_last, per_process)
+    elif gpu_views:
+        views = GPUViews(batches, device, make_gpu_augment(cfg, stats), cfg.seed, rank, per_process, decoder)
+    else:
+        views = CPUViews(batches, device, cfg.channels_last, per_process)
     if saved_unit and saved_unit != views.position_unit:  # saved while streaming, resumed from the cache, or back
         state.batches_in_epoch = state.batches_in_epoch * saved_unit // views.position_unit
         accelerator.print(f"data position converted from units of {saved_unit} to {views.position_unit} images")

@@ -354,7 +354,7 @@ class TrainState:
     skipped_images: int = 0  # corrupt images skipped so far (all processes)
     # Per process, at save time: data_epoch, batches_in_epoch, images per counted item, then the images carried
     # into the next batch and the position (epoch, chunks) where the chunks they came from began
-    # (`GPUViews.carry_position`).
+    # (`carry_position` of the streamed views).
     positions: list = field(default_factory=list)
 
     def state_dict(self) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -63,28 +64,6 @@ class BatchStream:
         raise ValueError("the training split yields no images: it is empty or every image is unreadable")
 
 
-class CPUViews(_WholeBatches):
-    """Views augmented by the DataLoader workers, joined into batches and moved to the device (pinned, non-blocking).
-
-    The batch is a whole number of chunks, so the data position (chunks taken) resumes exactly."""
-
-    def __init__(self, batches: BatchStream, device: torch.device, channels_last: bool, batch: int):
-        self.batches, self.device, self.channels_last, self.batch = batches, device, channels_last, batch
-        self.position_unit = batches.loader.batch_size  # images per item counted in the data position: a chunk
-
-    def next(self, step: int):
-        chunks = [self.batches.next()]
-        while sum(c[0].shape[0] for c in chunks) < self.batch:
-            chunks.append(self.batches.next())
-        view_q = torch.cat([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
-        view_k = torch.cat([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]
-        skipped = sum(c[2] for c in chunks)
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        view_q = view_q.to(self.device, non_blocking=True, memory_format=memory_format)
-        view_k = view_k.to(self.device, non_blocking=True, memory_format=memory_format)
-        return view_q, view_k, skipped
-
-
 def join_chunks(chunks: list) -> tuple:
     """One `collate_encoded` chunk out of several of the same kind."""
     if len(chunks) == 1:
@@ -104,29 +83,58 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF
 
 
-class GPUViews:
-    """Chunks decoded by the workers (or encoded, then decoded here with nvJPEG) and augmented as whole batches on the
-    device.
+class ViewPairs(NamedTuple):
+    """Two augmented views per image (the CPU workers' chunks), joined and split as `ImageChunk` is."""
 
-    Images that fail to decode are counted; the batch is topped up from the next one, so every step (and every
-    process) gets exactly `batch` images, and the images beyond it are carried into the next batch. The
-    augmentation generator is reseeded from (seed, rank, step) at each step, so a resumed run draws the same
-    parameters as an uninterrupted one.
+    query: torch.Tensor  # N x 3 x S x S
+    key: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.query.shape[0]
+
+    @classmethod
+    def from_chunks(cls, chunks: list) -> tuple[ViewPairs, int]:
+        """(the views, corrupt images skipped) of `collate_two_views` chunks."""
+        views_q, views_k, skipped = zip(*chunks)
+        return cls(torch.cat(views_q), torch.cat(views_k)), sum(skipped)
+
+    @staticmethod
+    def join(chunks: list[ViewPairs]) -> ViewPairs:
+        if len(chunks) == 1:
+            return chunks[0]
+        return ViewPairs(torch.cat([c.query for c in chunks]), torch.cat([c.key for c in chunks]))
+
+    def split(self, count: int) -> tuple[ViewPairs, ViewPairs]:
+        """(the first `count` images, the rest)."""
+        return ViewPairs(self.query[:count], self.key[:count]), ViewPairs(self.query[count:], self.key[count:])
+
+
+class _StreamedViews:
+    """Batches joined from the loader's chunks. Chunks come short (a worker's last chunk of an epoch, corrupt images
+    skipped), so the images beyond a batch are carried into the next one: every step (and every process) gets
+    exactly `batch` images, and every readable image of an epoch reaches a batch.
 
     The carried images are the tail of the chunks read last, so a checkpoint stores their count and where those
     chunks began (`carry_position`); a resumed run reads the chunks again and keeps the same tail (`restore_carry`),
     so it sees exactly the batches of an uninterrupted run.
     """
 
-    def __init__(self, batches: BatchStream, device: torch.device, augment: MoCoGPUAugment, seed: int, rank: int,
-                 batch: int, decoder: ThreadDecoder | None = None):
-        self.batches, self.device, self.batch, self.seed, self.rank = batches, device, batch, seed, rank
-        self.augment, self.decoder = augment, decoder
+    def __init__(self, batches: BatchStream, batch: int):
+        self.batches, self.batch = batches, batch
         self.position_unit = batches.loader.batch_size  # images per item counted in the data position: a chunk
-        self.generator = torch.Generator(device=device)
-        self.carry: list[ImageChunk] = []  # images beyond the last batch (when corrupt ones made a chunk short)
+        self.carry: list = []  # images beyond the last batch
         self.carry_from = (0, 0)  # data position (epoch, chunks) where the chunks read last began
         self.pending_carry: tuple[int, int, int] | None = None  # (images, epoch, chunks) to read again after a resume
+
+    def _load(self, chunks: list) -> tuple:
+        """(images, unreadable count) of raw loader chunks."""
+        raise NotImplementedError
+
+    def _join(self, images: list):
+        raise NotImplementedError
+
+    def _chunks_to_read(self, missing: int) -> int:
+        return 1
 
     def carry_position(self) -> tuple[int, int, int]:
         """(images carried into the next batch, data position where the chunks they are the tail of began): saved
@@ -139,16 +147,16 @@ class GPUViews:
         (`epoch`, `chunks`) up to the saved position, as it did in the run that saved it."""
         self.pending_carry = (images, epoch, chunks) if images > 0 else None
 
-    def _read(self, count: int = 1, until: tuple[int, int] | None = None) -> tuple[ImageChunk, int]:
-        """The next `count` loader chunks (or those up to data position `until`), decoded together when bytes."""
+    def _read(self, count: int = 1, until: tuple[int, int] | None = None) -> tuple:
+        """The next `count` loader chunks (or those up to data position `until`), loaded together."""
         state = self.batches.state
         self.carry_from = (state.data_epoch, state.batches_in_epoch)
-        encoded = []
-        while len(encoded) < count if until is None else (state.data_epoch, state.batches_in_epoch) < until:
-            encoded.append(self.batches.next())
-        return ImageChunk.from_chunk(join_chunks(encoded), self.device, self.decoder)
+        raw = []
+        while len(raw) < count if until is None else (state.data_epoch, state.batches_in_epoch) < until:
+            raw.append(self.batches.next())
+        return self._load(raw)
 
-    def _replay_carry(self, images: int, epoch: int, chunks: int) -> list[ImageChunk]:
+    def _replay_carry(self, images: int, epoch: int, chunks: int) -> list:
         state = self.batches.state
         saved = (state.data_epoch, state.batches_in_epoch)
         state.data_epoch, state.batches_in_epoch = epoch, chunks  # the stream starts there: read the chunks again
@@ -159,17 +167,64 @@ class GPUViews:
                                f"saved position {saved} (the training split changed since the checkpoint?)")
         return [chunk.split(max(0, len(chunk) - images))[1]]
 
-    def next(self, step: int):
+    def _take(self) -> tuple:
+        """(the next `batch` images, corrupt images skipped while reading them)."""
         if self.pending_carry is not None:
             self.carry, self.pending_carry = self._replay_carry(*self.pending_carry), None
         chunks, skipped = self.carry, 0
         while (have := sum(len(c) for c in chunks)) < self.batch:
-            # bytes decoded here: as many chunks as the batch still needs, decoded in one go
-            count = -(-(self.batch - have) // self.position_unit) if self.decoder is not None else 1
-            chunk, unreadable = self._read(count)
+            chunk, unreadable = self._read(self._chunks_to_read(self.batch - have))
             chunks, skipped = chunks + [chunk], skipped + unreadable
-        images, rest = ImageChunk.join(chunks).split(self.batch)
+        images, rest = self._join(chunks).split(self.batch)
         self.carry = [rest] if len(rest) else []
+        return images, skipped
+
+
+class CPUViews(_StreamedViews):
+    """Views augmented by the DataLoader workers, joined into batches and moved to the device (pinned, non-blocking)."""
+
+    def __init__(self, batches: BatchStream, device: torch.device, channels_last: bool, batch: int):
+        super().__init__(batches, batch)
+        self.device, self.channels_last = device, channels_last
+
+    def _load(self, chunks: list) -> tuple[ViewPairs, int]:
+        return ViewPairs.from_chunks(chunks)
+
+    def _join(self, images: list[ViewPairs]) -> ViewPairs:
+        return ViewPairs.join(images)
+
+    def next(self, step: int):
+        views, skipped = self._take()
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        view_q = views.query.to(self.device, non_blocking=True, memory_format=memory_format)
+        view_k = views.key.to(self.device, non_blocking=True, memory_format=memory_format)
+        return view_q, view_k, skipped
+
+
+class GPUViews(_StreamedViews):
+    """Chunks decoded by the workers (or encoded, then decoded here by threads or nvJPEG) and augmented as whole
+    batches on the device. The augmentation generator is reseeded from (seed, rank, step) at each step, so a resumed
+    run draws the same parameters as an uninterrupted one."""
+
+    def __init__(self, batches: BatchStream, device: torch.device, augment: MoCoGPUAugment, seed: int, rank: int,
+                 batch: int, decoder: ThreadDecoder | None = None):
+        super().__init__(batches, batch)
+        self.device, self.seed, self.rank = device, seed, rank
+        self.augment, self.decoder = augment, decoder
+        self.generator = torch.Generator(device=device)
+
+    def _load(self, chunks: list) -> tuple[ImageChunk, int]:
+        return ImageChunk.from_chunk(join_chunks(chunks), self.device, self.decoder)
+
+    def _join(self, images: list[ImageChunk]) -> ImageChunk:
+        return ImageChunk.join(images)
+
+    def _chunks_to_read(self, missing: int) -> int:
+        # bytes decoded here: as many chunks as the batch still needs, decoded in one go
+        return -(-missing // self.position_unit) if self.decoder is not None else 1
+
+    def next(self, step: int):
+        images, skipped = self._take()
         self.generator.manual_seed(step_seed(self.seed, self.rank, step))
         view_q, view_k = self.augment.two_views(images.packed(), generator=self.generator)
         return view_q, view_k, skipped

@@ -182,12 +182,13 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path, capsys, args, messa
     assert message in capsys.readouterr().err
 
 
-def test_more_workers_than_a_small_split_fills_is_a_clear_error(tmp_path):
-    root = make_image_folder(tmp_path / "images", per_class=12)  # 36 training images, chunks of 16
-    cfg = tiny_config(tmp_path, "--train_dir", str(root), "--eval_split", "none", "--max_steps", "1")
-    with pytest.raises(ValueError, match="about 9 per worker, fewer than one chunk of 16.*num_workers to at most 2"):
-        pretrain.train(dataclasses.replace(cfg, num_workers=4))
-    assert pretrain.train(dataclasses.replace(cfg, num_workers=2)).state.step == 1
+def test_a_small_split_over_many_workers_trains_on_every_image(tmp_path):
+    """36 images over 4 workers give each worker less than a chunk (16): its partial chunk still reaches a batch."""
+    root = make_image_folder(tmp_path / "images", per_class=12)
+    cfg = tiny_config(tmp_path, "--train_dir", str(root), "--eval_split", "none", "--max_steps", "9",
+                      "--num_workers", "4")
+    result = pretrain.train(cfg)  # 9 steps of 16 = 4 epochs of 36 images
+    assert result.state.step == 9 and result.state.data_epoch == 3
 
 
 def test_dataset_without_image_column_and_empty_folder(tmp_path):
@@ -532,8 +533,8 @@ def test_resume_from_streaming_into_the_device_cache_converts_the_position(tmp_p
     assert (resumed.state.data_epoch, resumed.state.batches_in_epoch) == (1, 1)
 
 
-def test_device_cache_keeps_the_workers_partial_chunks(tmp_path):
-    """Training drops each worker's last partial chunk; the cache must still hold every readable image."""
+def test_device_cache_and_the_training_stream_keep_the_workers_partial_chunks(tmp_path):
+    """Each worker's last chunk is partial: the training loader delivers it, and the cache holds every image."""
     from accelerate import PartialState
 
     root = make_image_folder(tmp_path / "data", per_class=6)  # 18 train images over 2 workers: 9 each, chunks of 4
@@ -542,7 +543,8 @@ def test_device_cache_keeps_the_workers_partial_chunks(tmp_path):
     model = pretrain.build_model(cfg)
     dataset, loader, num_examples = pretrain.build_train_loader(cfg, PartialState(), pretrain.data_stats(model),
                                                                 gpu=True)
-    assert num_examples == 18 and sum(len(chunk[1]) for chunk in loader) < 18  # the training loader drops some
+    chunks = [len(chunk[1]) for chunk in loader]
+    assert num_examples == 18 and sum(chunks) == 18 and min(chunks) < 4  # the partial chunks too
     cache = pretrain.build_device_cache(cfg, dataset, loader, torch.device("cpu"), num_examples)
     assert len(cache) == 18 and cache.num_skipped == 0
 
@@ -613,6 +615,20 @@ def test_16_bit_tiff_and_bmp_images_decode_alike_on_every_path():
     assert skipped == 0 and torch.equal(chunk.pixels, torch.cat(flat))
 
 
+def test_cpu_path_resumes_exactly_with_carried_images(tmp_path):
+    """CPU augmentation, 36 images in chunks of 16, 16, 4: the third batch takes the epoch's short chunk and carries
+    4 images of the next epoch's first chunk over the checkpoint. straight == stop + resume, weights and queue."""
+    root = make_image_folder(tmp_path / "data", per_class=12)
+    common = ["--train_dir", str(root), "--max_steps", "6", "--eval_split", "none", "--num_workers", "1"]
+    straight = pretrain.train(tiny_config(tmp_path / "a", *common))
+    first = pretrain.train(tiny_config(tmp_path / "b", *common, "--stop_after_steps", "3"))
+    assert first.state.positions[0][3] == 4  # images carried over the checkpoint
+    resumed = pretrain.train(tiny_config(tmp_path / "b", *common, "--resume_from_checkpoint", "auto"))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_streamed_device_path_resumes_exactly_with_carried_images(tmp_path):
     """gpu_augment on, streamed (no cache), bytes decoded by threads: unreadable files make chunks short, so images
     are carried from one batch into the next; the checkpoint saves them as a position and the resumed run reads
@@ -624,7 +640,7 @@ def test_streamed_device_path_resumes_exactly_with_carried_images(tmp_path):
               "--eval_split", "none", "--gpu_augment", "on", "--device_cache", "off", "--num_workers", "1",
               "--device_decode", "threads", "--decode_threads", "2"]
     straight = pretrain.train(tiny_config(tmp_path / "a", *common))
-    first = pretrain.train(tiny_config(tmp_path / "b", *common, "--stop_after_steps", "2"))
+    first = pretrain.train(tiny_config(tmp_path / "b", *common, "--stop_after_steps", "3"))
     assert first.state.positions[0][3] > 0  # images were carried over the checkpoint
     resumed = pretrain.train(tiny_config(tmp_path / "b", *common, "--resume_from_checkpoint", "auto"))
     assert resumed.metrics["skipped_images"] == straight.metrics["skipped_images"] > 0

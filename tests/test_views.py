@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from moco_hf.data import ThreadDecoder, collate_encoded
+from moco_hf.data import ThreadDecoder, collate_encoded, collate_two_views
 from moco_hf.training import TrainState
-from moco_hf.views import BatchStream, GPUViews
+from moco_hf.views import BatchStream, CPUViews, GPUViews
 
 
 class _Samples(IterableDataset):
@@ -56,20 +56,48 @@ def _samples(encoded: bool, count=30):
     return samples
 
 
-def _views(samples, state, decoder, batch=8, chunk=4):
-    dataset = _Samples(samples)
+def _cpu_samples(count=30):
+    """(view_q, view_k, unreadable before it) as the CPU workers' stream yields them: images 1..count filled with
+    their number, every 4th unreadable (only counted, with the next readable image)."""
+    samples, skipped = [], 0
+    for i in range(1, count + 1):
+        if i % 4 == 0:
+            skipped += 1
+            continue
+        view = torch.full((3, 2, 2), float(i))
+        samples.append((view, -view, skipped))
+        skipped = 0
+    return samples
+
+
+class _CPUIds(CPUViews):
+    """CPUViews whose batches are the numbers of the images they hold (and a check that both views match)."""
+
+    def next(self, step):
+        view_q, view_k, skipped = super().next(step)
+        assert torch.equal(view_k, -view_q)
+        ids = view_q[:, 0, 0, 0].long().tolist()
+        return ids, ids, skipped
+
+
+def _views(kind, state, decoder=None, batch=8, chunk=4):
+    if kind == "cpu":  # the loader keeps each epoch's last, partial chunk, as pretrain.py's does
+        dataset = _Samples(_cpu_samples())
+        loader = DataLoader(dataset, batch_size=chunk, collate_fn=collate_two_views, drop_last=False)
+        return _CPUIds(BatchStream(dataset, loader, state), torch.device("cpu"), False, batch)
+    dataset = _Samples(_samples(encoded=kind == "threads"))
     loader = DataLoader(dataset, batch_size=chunk, collate_fn=collate_encoded)
     return GPUViews(BatchStream(dataset, loader, state), torch.device("cpu"), _Ids(), 0, 0, batch, decoder)
 
 
-@pytest.mark.parametrize("decode", ["workers", "threads"])
-def test_streamed_device_views_resume_exactly_with_carried_images(decode):
-    """Short chunks (unreadable images) leave images over after a batch; they start the next one. Stopping after
-    any step and resuming from the saved position gives the batches of the uninterrupted run, epochs included."""
-    decoder = ThreadDecoder(2) if decode == "threads" else None
-    samples = _samples(encoded=decode == "threads")
-    steps = 12  # 30 samples, 22 readable: about 3 batches of 8 per epoch, so 4 epochs
-    straight_views = _views(samples, TrainState(), decoder)
+@pytest.mark.parametrize("kind", ["workers", "threads", "cpu"])
+def test_streamed_views_resume_exactly_with_carried_images(kind):
+    """Short chunks (unreadable images, an epoch's last chunk) leave images over after a batch; they start the next
+    one. Stopping after any step and resuming from the saved position gives the batches of the uninterrupted run,
+    epochs included. Device views decoded by the workers or by threads, and the CPU workers' views."""
+    decoder = ThreadDecoder(2) if kind == "threads" else None
+    steps = 12  # 30 samples, 23 readable: about 3 batches of 8 per epoch, so 4 epochs
+    straight_views = _views(kind, TrainState(), decoder)
     straight = [straight_views.next(step)[0] for step in range(steps)]
     assert all(len(ids) == 8 for ids in straight)
     assert len(set(straight[0] + straight[1])) == 16  # no image twice within an epoch
@@ -78,14 +106,14 @@ def test_streamed_device_views_resume_exactly_with_carried_images(decode):
     carried = 0
     for stop in range(1, steps):
         state = TrainState()
-        first = _views(samples, state, decoder)
+        first = _views(kind, state, decoder)
         for step in range(stop):
             first.next(step)
         position = (state.data_epoch, state.batches_in_epoch, *first.carry_position())
         carried += position[2] > 0
 
         resumed_state = TrainState(data_epoch=position[0], batches_in_epoch=position[1])
-        resumed = _views(samples, resumed_state, decoder)
+        resumed = _views(kind, resumed_state, decoder)
         resumed.restore_carry(*position[2:])
         assert [resumed.next(step)[0] for step in range(stop, steps)] == straight[stop:], f"resumed after {stop}"
     assert carried >= steps // 2  # the test exercises the carry
@@ -93,14 +121,21 @@ def test_streamed_device_views_resume_exactly_with_carried_images(decode):
         decoder.close()
 
 
-def test_without_the_carry_a_resume_would_lose_images():
+@pytest.mark.parametrize("kind", ["workers", "cpu"])
+def test_without_the_carry_a_resume_would_lose_images(kind):
     """The check above can fail: dropping the carry (what a resume did before) changes the next batch."""
-    samples = _samples(encoded=False)
-    straight = _views(samples, TrainState(), None)
-    batches = [straight.next(step)[0] for step in range(3)]
+    straight = _views(kind, TrainState())
+    batches = [straight.next(step)[0] for step in range(6)]
     state = TrainState()
-    first = _views(samples, state, None)
-    first.next(0)
-    assert first.carry_position()[0] > 0
-    resumed = _views(samples, TrainState(data_epoch=state.data_epoch, batches_in_epoch=state.batches_in_epoch), None)
-    assert resumed.next(1)[0] != batches[1]
+    first = _views(kind, state)
+    stop = next(step + 1 for step in range(5) if first.next(step) and first.carry_position()[0] > 0)
+    resumed = _views(kind, TrainState(data_epoch=state.data_epoch, batches_in_epoch=state.batches_in_epoch))
+    assert resumed.next(stop)[0] != batches[stop]
+
+
+def test_every_readable_image_of_an_epoch_reaches_a_batch():
+    """23 readable images an epoch in chunks of 4 (the last one short) and batches of 8: over 23 steps (8 epochs of
+    data), each image is in exactly 8 batches, although no epoch fills whole batches."""
+    views = _views("cpu", TrainState())
+    ids = [i for step in range(23) for i in views.next(step)[0]]
+    assert sorted(set(ids)) == [i for i in range(1, 31) if i % 4] and all(ids.count(i) == 8 for i in set(ids))
