@@ -300,9 +300,7 @@ def _without_secrets(value, secrets: list[str]):
     if isinstance(value, list):
         return [_without_secrets(v, secrets) for v in value]
     if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "***")
-        return _TOKEN_PATTERN.sub("***", value)
+        return _redact(value, secrets)
     return value
 
 
@@ -712,6 +710,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _redact(text: str, secrets: list[str]) -> str:
+    """`text` with `secrets`, and anything shaped like a token, replaced by ***."""
     for secret in secrets:
         text = text.replace(secret, "***")
     return _TOKEN_PATTERN.sub("***", text)
