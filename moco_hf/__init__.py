@@ -20,10 +20,8 @@ AutoConfig.register("moco", MoCoConfig, exist_ok=True)
 AutoModel.register(MoCoConfig, MoCoModel, exist_ok=True)
 AutoModelForImageClassification.register(MoCoConfig, MoCoForImageClassification, exist_ok=True)
 
-# save_pretrained writes the modeling code and an auto_map, so trust_remote_code loading works without moco_hf.
-MoCoConfig.register_for_auto_class()
-MoCoModel.register_for_auto_class("AutoModel")
-MoCoForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+# save_pretrained of either model class writes the code files and the complete auto_map (the classes carry their
+# `_auto_class`; modeling_moco.AUTO_MAP), so trust_remote_code loading works without moco_hf.
 
 __all__ = [
     "MoCoConfig",

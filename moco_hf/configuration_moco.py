@@ -54,9 +54,15 @@ class MoCoConfig(PreTrainedConfig):
             (linear evaluation protocol).
         initializer_range (`float`, defaults to 0.01):
             Standard deviation of the classifier's initial weights (the official linear evaluation uses 0.01).
+
+    transformers' common keywords apply as well: `output_hidden_states`, `output_attentions` and `return_dict` (the
+    forward's defaults), and `gradient_checkpointing=True`, which the model consumes at construction to enable
+    gradient checkpointing of its query encoder (it is not saved; after `from_pretrained`, call
+    `model.gradient_checkpointing_enable()`).
     """
 
     model_type = "moco"
+    _auto_class = "AutoConfig"  # save_pretrained copies this file (and backbones.py) and maps it in config.json
 
     backbone: str = "resnet50"
     backbone_kwargs: dict[str, Any] | None = None

@@ -8,7 +8,11 @@ This file depends only on torch, timm and transformers (plus the configuration f
 `save_pretrained` can ship it with the weights for `trust_remote_code=True` loading.
 """
 
+import functools
+import inspect
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import timm
@@ -16,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
@@ -36,6 +41,11 @@ class MoCoModelOutput(ModelOutput):
         pooler_output: the query backbone's pooled features, N x num_features.
         query_embeddings: L2-normalised query projections q, N x embed_dim.
         key_embeddings: L2-normalised keys k of this process's batch, N x embed_dim (no gradient).
+        hidden_states: with `output_hidden_states`, the query backbone's intermediate features, from timm's
+            `forward_intermediates`: per stage for CNNs (N x C_i x H_i x W_i; for ResNets the stem, then each of the 4
+            stages), per block for ViTs (N x L x D tokens, prefix tokens first, as in `last_hidden_state`).
+        attentions: with `output_attentions`, the softmax weights of each attention block of the query backbone,
+            N x heads x L x L (backbones with timm's attention modules: ViT, DeiT, ...).
     """
 
     loss: torch.FloatTensor | None = None
@@ -44,6 +54,17 @@ class MoCoModelOutput(ModelOutput):
     pooler_output: torch.FloatTensor | None = None
     query_embeddings: torch.FloatTensor | None = None
     key_embeddings: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# What every folder written by `save_pretrained` maps, so that each Auto class loads it with `trust_remote_code=True`
+# (the code files are copied beside config.json).
+AUTO_MAP = {
+    "AutoConfig": "configuration_moco.MoCoConfig",
+    "AutoModel": "modeling_moco.MoCoModel",
+    "AutoModelForImageClassification": "modeling_moco.MoCoForImageClassification",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -77,14 +98,16 @@ def enqueue(queue: torch.Tensor, queue_ptr: torch.Tensor, keys: torch.Tensor) ->
 
 
 def info_nce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
-    """Logits [q.k+, q.queue] / tau with the positive in column 0, computed in fp32.
+    """Logits [q.k+, q.queue] / tau with the positive in column 0, computed in fp32 (or wider: a float64 model keeps
+    float64).
 
     q: N x C (with grad), k: N x C (no grad), queue: K x C; all L2-normalised. Returns N x (1+K).
     """
+    dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q = q.float()
-        l_pos = (q * k.float()).sum(dim=1, keepdim=True)  # N x 1
-        l_neg = q @ _snapshot(queue).float().T  # N x K
+        q = q.to(dtype)
+        l_pos = (q * k.to(dtype)).sum(dim=1, keepdim=True)  # N x 1
+        l_neg = q @ _snapshot(queue).to(dtype).T  # N x K
         return torch.cat([l_pos, l_neg], dim=1) / tau  # N x (1+K)
 
 
@@ -323,11 +346,238 @@ def _mark_initialised(module: nn.Module) -> None:
             tensor._is_hf_initialized = True
 
 
-class MoCoEncoder(nn.Module):
+# ---------------------------------------------------------------------------------------------------------
+# Hidden states, attentions and gradient checkpointing of a timm backbone
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _intermediates_kwargs(backbone: nn.Module) -> dict | None:
+    """Keyword arguments of timm's `forward_intermediates` that give hidden states as transformers' models do, or None
+    where the backbone has no `forward_intermediates`: feature maps for CNNs (timm's default, NCHW), tokens for models
+    with prefix tokens (ViTs: `output_fmt="NLC"`, with the class token)."""
+    forward_intermediates = getattr(backbone, "forward_intermediates", None)
+    if forward_intermediates is None:
+        return None
+    params = inspect.signature(forward_intermediates).parameters
+    if "return_prefix_tokens" in params and "output_fmt" in params:
+        return {"output_fmt": "NLC", "return_prefix_tokens": True}
+    return {}
+
+
+def _attention_modules(backbone: nn.Module) -> list[nn.Module]:
+    """timm's attention modules that can give their weights: a `fused_attn` switch, and off it the softmax weights
+    pass through the `attn_drop` dropout (timm's `Attention`: ViT, DeiT, ...)."""
+    return [m for m in backbone.modules() if hasattr(m, "fused_attn") and isinstance(getattr(m, "attn_drop", None), nn.Dropout)]
+
+
+@contextmanager
+def _recorded_attentions(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Within the block, `modules` run their unfused path (`fused_attn = False`: scaled_dot_product_attention returns
+    no weights) and the list yielded collects each one's softmax weights (after attention dropout, as transformers'
+    models return them), N x heads x L x L, in call order."""
+    weights = []
+    fused = [m.fused_attn for m in modules]
+    handles = [m.attn_drop.register_forward_hook(lambda _m, _i, out: weights.append(out)) for m in modules]
+    try:
+        for m in modules:
+            m.fused_attn = False
+        yield weights
+    finally:
+        for m, was_fused in zip(modules, fused):
+            m.fused_attn = was_fused
+        for handle in handles:
+            handle.remove()
+
+
+class _BackwardMark(torch.autograd.Function):
+    """The identity on `tensors`, whose backward first calls `hook()`: marks a point of the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hook: Callable[[], None], *tensors: torch.Tensor):
+        ctx.hook = hook
+        ctx.set_materialize_grads(False)
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.hook()
+        return (None, *grads)
+
+
+@torch.compiler.disable
+def _mark_backward(hook: Callable[[], None], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tensors` as they are, with `hook()` called in the backward pass when their gradients arrive. Outside compiled
+    graphs, whose backward would not run a Python hook."""
+    return _BackwardMark.apply(hook, *tensors)
+
+
+def _check_checkpoint_options(gradient_checkpointing_func: Callable, every_n_layers: int) -> None:
+    """timm's blocks call `torch.utils.checkpoint.checkpoint` themselves, at every block, with timm's `use_reentrant`
+    (`timm.layers.set_reentrant_ckpt`, default False): transformers' options for it cannot be applied, so they are an
+    error rather than ignored."""
+    use_reentrant = timm.layers.use_reentrant_ckpt()
+    if every_n_layers != 1:
+        raise ValueError(
+            f"every_n_layers={every_n_layers}: timm checkpoints every block of the backbone; use every_n_layers=1"
+        )
+    func = gradient_checkpointing_func
+    plain = func is torch_checkpoint
+    partial = isinstance(func, functools.partial) and func.func is torch_checkpoint and not func.args
+    if not (plain or (partial and func.keywords in ({}, {"use_reentrant": use_reentrant}))):
+        raise ValueError(
+            "timm's backbone calls torch.utils.checkpoint itself (use_reentrant="
+            f"{use_reentrant}, set by timm.layers.set_reentrant_ckpt), so activation_checkpointing_kwargs other than "
+            f"{{'use_reentrant': {use_reentrant}}} and offload=True cannot be applied; enable it without them"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoders
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MoCoBackbone(nn.Module):
+    """A timm backbone (`.backbone`, without classifier): the query encoder of [`MoCoForImageClassification`], and the
+    base of [`MoCoEncoder`] (which adds the projection head), laid out alike so checkpoint keys match.
+
+    `forward(pixel_values)` returns (features: `forward_features`, pooled: N x num_features, hidden_states or None,
+    attentions or None); see [`MoCoModelOutput`] for the hidden states and attentions.
+
+    Gradient checkpointing (`gradient_checkpointing`, set through the model's `gradient_checkpointing_enable()`) is
+    timm's `set_grad_checkpointing`: timm recomputes each block's forward in the backward pass. For a BatchNorm in
+    train mode that recomputation would update the running statistics a second time, and a split BatchNorm would run
+    with the split count of that moment rather than the forward's. So in train mode the backbone's backward is
+    bracketed: a mark on its outputs, reached before any recomputation, sets the split count of the forward; one on its
+    input, reached after the last recomputation, sets the running statistics back to what the last forward left and
+    the split count back to 1. Gradients are those of the run without checkpointing, and so are the statistics. (The
+    input mark makes the first layer compute a gradient for its input as well, e.g. N x 3 x H x W; only where the
+    backbone has BatchNorms.)
+    """
+
+    def __init__(self, config: MoCoConfig):
+        super().__init__()
+        self.backbone = create_backbone(config)
+        _mark_initialised(self.backbone)
+        self.backbone_name = config.backbone
+        self.split_bn = False
+        self.gradient_checkpointing = False
+        self._intermediates = _intermediates_kwargs(self.backbone)
+        self._bn_state: list[torch.Tensor] | None = None  # running statistics as the last forward left them
+
+    def __call__(self, *args, **kwargs):
+        """`nn.Module.__call__`; with gradient checkpointing in train mode, then keeps the BatchNorm running statistics
+        that the call left, for the backward pass to restore after timm's recomputation."""
+        if not (self.gradient_checkpointing and self.training and self._batch_norms()):
+            return super().__call__(*args, **kwargs)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._bn_state = [t.detach().clone() for t in self._bn_buffers()]
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | list[int] = False,
+                output_attentions: bool = False):
+        features, hidden_states, attentions = self._run_backbone(pixel_values, 1, output_hidden_states, output_attentions)
+        pooled = self.backbone.forward_head(features, pre_logits=True)  # N x num_features
+        return features, pooled, hidden_states, attentions
+
+    # -- the backbone's forward -----------------------------------------------------------------------------
+
+    def _run_backbone(self, pixel_values: torch.Tensor, splits: int, output_hidden_states: bool | list[int],
+                      output_attentions: bool):
+        """(features, hidden_states or None, attentions or None) of the backbone, bracketed for the backward pass
+        under gradient checkpointing (see the class docstring)."""
+        recomputed = self.gradient_checkpointing and torch.is_grad_enabled()
+        if output_attentions and recomputed:
+            raise ValueError(
+                "output_attentions=True with gradient checkpointing in a forward that records gradients: timm would "
+                "recompute the blocks with fused attention, which gives no weights; call it under torch.no_grad() or "
+                "after gradient_checkpointing_disable()"
+            )
+        bracket = recomputed and self.training and bool(self._batch_norms())
+        if bracket:
+            # A leaf that requires grad, so the mark's backward runs even where pixel_values needs no gradient.
+            anchor = torch.empty(0, device=pixel_values.device, requires_grad=True)
+            pixel_values, _ = _mark_backward(self._after_recomputation, pixel_values, anchor)
+        features, hidden_states, attentions = self._backbone_features(
+            pixel_values, output_hidden_states, output_attentions
+        )
+        if bracket and self.split_bn and splits > 1:
+            features, *hidden = _mark_backward(functools.partial(self._set_bn_splits, splits), features,
+                                               *(hidden_states or ()))
+            hidden_states = tuple(hidden) if hidden_states is not None else None
+        return features, hidden_states, attentions
+
+    def _backbone_features(self, pixel_values: torch.Tensor, output_hidden_states: bool | list[int],
+                           output_attentions: bool):
+        if output_attentions:
+            modules = _attention_modules(self.backbone)
+            if not modules:
+                raise ValueError(
+                    f"output_attentions=True: backbone {self.backbone_name!r} has no attention blocks that give their "
+                    "weights (timm's Attention, as in vit_* and deit_*); use such a backbone, or "
+                    "output_hidden_states=True for the features of each stage"
+                )
+            with _recorded_attentions(modules) as weights:
+                features, hidden_states, _ = self._backbone_features(pixel_values, output_hidden_states, False)
+            return features, hidden_states, tuple(weights)
+        if not output_hidden_states:
+            return self.backbone.forward_features(pixel_values), None, None
+        if self._intermediates is None:
+            raise ValueError(
+                f"output_hidden_states=True needs timm's forward_intermediates, which backbone {self.backbone_name!r} "
+                "does not have; use a backbone that has it (ResNets, ConvNeXts, ViTs, ...) or output_hidden_states=False"
+            )
+        kwargs = dict(self._intermediates)
+        if not isinstance(output_hidden_states, bool):  # indices of the stages or blocks, as timm's `indices`
+            kwargs["indices"] = list(output_hidden_states)
+        features, intermediates = self.backbone.forward_intermediates(pixel_values, **kwargs)
+        # Token models give (tokens, prefix tokens) per block: N x L x D with the prefix first, as forward_features.
+        hidden_states = tuple(torch.cat([h[1], h[0]], dim=1) if isinstance(h, tuple) else h for h in intermediates)
+        return features, hidden_states, None
+
+    # -- BatchNorm state ------------------------------------------------------------------------------------
+
+    def _batch_norms(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        """The backbone's BatchNorms with running statistics, found once."""
+        if getattr(self, "_batch_norm_cache", None) is None:
+            self._batch_norm_cache = [
+                m
+                for m in self.backbone.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
+            ]
+        return self._batch_norm_cache
+
+    def _bn_buffers(self) -> list[torch.Tensor]:
+        return [t for m in self._batch_norms() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+
+    def _split_bns(self) -> list[SplitBatchNorm2d]:
+        """The split BatchNorms, found once (this runs twice per encoder call)."""
+        if getattr(self, "_split_bn_cache", None) is None:
+            self._split_bn_cache = [m for m in self.modules() if isinstance(m, SplitBatchNorm2d)]
+        return self._split_bn_cache
+
+    def _set_bn_splits(self, splits: int) -> None:
+        for module in self._split_bns():
+            module.num_splits = splits
+
+    @torch.no_grad()
+    def _after_recomputation(self) -> None:
+        """Undo what timm's recomputation did to the BatchNorms: running statistics back to the last forward's.
+
+        Written through `.data`, as BatchNorm's own update, which leaves autograd's version counters alone: a
+        BatchNorm whose backward is still to run (another forward of this encoder in the same step) saved its running
+        statistics for backward, and a version change would fail that backward (in train mode it does not read
+        their values)."""
+        self._set_bn_splits(1)
+        if self._bn_state is not None:
+            torch._foreach_copy_([t.data for t in self._bn_buffers()], self._bn_state)
+
+
+class MoCoEncoder(MoCoBackbone):
     """f_q or f_k: timm backbone (`.backbone`) followed by the projection head (`.head`).
 
     `forward(pixel_values)` returns the unnormalised projection, N x embed_dim; `forward_all` also the backbone's
-    unpooled and pooled features.
+    unpooled and pooled features, its hidden states and attentions (None unless asked for).
 
     Split BatchNorm (`config.bn_splits` > 1): when every BatchNorm of the encoder is a plain `nn.BatchNorm2d`, they
     become [`SplitBatchNorm2d`] (same parameters, buffers and state-dict keys; `split_bn` is then `True`), and a call
@@ -337,9 +587,7 @@ class MoCoEncoder(nn.Module):
     """
 
     def __init__(self, config: MoCoConfig):
-        super().__init__()
-        self.backbone = create_backbone(config)
-        _mark_initialised(self.backbone)
+        super().__init__(config)
         self.head = MoCoProjectionHead(
             self.backbone.num_features, config.embed_dim, config.mlp_hidden_dim, mlp=config.mlp_head
         )
@@ -348,66 +596,78 @@ class MoCoEncoder(nn.Module):
         if self.split_bn:
             convert_split_batchnorm(self, 1)
 
-    def __call__(self, pixel_values: torch.Tensor, splits: int = 1, return_features: bool = False):
+    def __call__(self, pixel_values: torch.Tensor, splits: int = 1, *args, **kwargs):
         """`nn.Module.__call__` with the split BatchNorms set to `splits` for this call only.
 
         Set here, outside `forward`, so that `encoder.compile()` traces a forward that only reads the split count:
         one graph per split count, no graph break on the attribute writes. The encoder's modules outside a call
         (`get_backbone()`) behave as plain BatchNorm."""
         if not self.split_bn:
-            return super().__call__(pixel_values, splits, return_features)
+            return super().__call__(pixel_values, splits, *args, **kwargs)
         self._set_bn_splits(splits)
         try:
-            return super().__call__(pixel_values, splits, return_features)
+            return super().__call__(pixel_values, splits, *args, **kwargs)
         finally:
             self._set_bn_splits(1)
 
-    def _set_bn_splits(self, splits: int) -> None:
-        for module in self._split_bns():
-            module.num_splits = splits
-
-    def _split_bns(self) -> list[SplitBatchNorm2d]:
-        """The split BatchNorms, found once (this runs twice per encoder call)."""
-        if getattr(self, "_split_bn_cache", None) is None:
-            self._split_bn_cache = [m for m in self.modules() if isinstance(m, SplitBatchNorm2d)]
-        return self._split_bn_cache
-
-    def forward_all(self, pixel_values: torch.Tensor, splits: int = 1):
-        """(unpooled features, pooled features, projection). `splits` > 1: in train mode BatchNorm normalises each
-        of that many chunks of the batch on its own, as it would on that many devices.
+    def forward_all(self, pixel_values: torch.Tensor, splits: int = 1, output_hidden_states: bool | list[int] = False,
+                    output_attentions: bool = False):
+        """(unpooled features, pooled features, projection, hidden states, attentions). `splits` > 1: in train mode
+        BatchNorm normalises each of that many chunks of the batch on its own, as it would on that many devices.
 
         Goes through `__call__`, so hooks and `encoder.compile()` apply to it as to `encoder(x)`."""
-        return self(pixel_values, splits, return_features=True)
+        return self(pixel_values, splits, True, output_hidden_states, output_attentions)
 
-    def forward(self, pixel_values: torch.Tensor, splits: int = 1, return_features: bool = False):
+    def forward(self, pixel_values: torch.Tensor, splits: int = 1, return_features: bool = False,
+                output_hidden_states: bool | list[int] = False, output_attentions: bool = False):
         if splits > 1 and not self.split_bn and pixel_values.shape[0] > 1:
-            parts = [self._features_and_projection(chunk) for chunk in pixel_values.chunk(splits)]
-            outputs = tuple(torch.cat(p, dim=0) for p in zip(*parts))
+            parts = [self._encode(chunk, 1, output_hidden_states, output_attentions) for chunk in pixel_values.chunk(splits)]
+            outputs = tuple(_cat_batches(field) for field in zip(*parts))
         else:
-            outputs = self._features_and_projection(pixel_values)
+            outputs = self._encode(pixel_values, splits, output_hidden_states, output_attentions)
         return outputs if return_features else outputs[2]
 
-    def _features_and_projection(self, pixel_values: torch.Tensor):
-        features = self.backbone.forward_features(pixel_values)
+    def _encode(self, pixel_values: torch.Tensor, splits: int, output_hidden_states: bool | list[int],
+                output_attentions: bool):
+        features, hidden_states, attentions = self._run_backbone(
+            pixel_values, splits, output_hidden_states, output_attentions
+        )
         pooled = self.backbone.forward_head(features, pre_logits=True)  # N x num_features
-        return features, pooled, self.head(pooled)  # ..., N x embed_dim
+        return features, pooled, self.head(pooled), hidden_states, attentions  # ..., N x embed_dim, ...
 
 
-class MoCoBackbone(nn.Module):
-    """The query encoder without its head, laid out like [`MoCoEncoder`] so checkpoint keys match."""
-
-    def __init__(self, config: MoCoConfig):
-        super().__init__()
-        self.backbone = create_backbone(config)
-        _mark_initialised(self.backbone)
+def _cat_batches(parts: tuple):
+    """The per-chunk values of one output joined along the batch: tensors, tuples of tensors, or None."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(chunks, dim=0) for chunks in zip(*parts))
+    return torch.cat(parts, dim=0)
 
 
 class MoCoPreTrainedModel(PreTrainedModel):
+    """Common plumbing of [`MoCoModel`] and [`MoCoForImageClassification`].
+
+    - `save_pretrained` writes the code files and the complete `auto_map` ([`AUTO_MAP`]): either Auto class loads
+      the folder with `trust_remote_code=True`, without moco_hf installed.
+    - Gradient checkpointing of the query encoder's backbone (timm's `set_grad_checkpointing`) through transformers'
+      `activation_checkpointing_enable()` (or its alias `gradient_checkpointing_enable()`, deprecated in transformers
+      5), or `MoCoConfig(gradient_checkpointing=True)` at construction. The key encoder never is: it runs without
+      gradients. Not saved: transformers treats it as a setting of the run.
+    - `device_map`: "auto" keeps each encoder whole (`_no_split_modules`: a timm block split across devices would
+      add tensors of two devices). A map of your own names `query_encoder`, `key_encoder` and the buffers `queue` and
+      `queue_ptr` (accelerate warns that these two are not submodules; they are placed all the same). The training
+      step needs all of them on one device.
+    """
+
     config_class = MoCoConfig
     base_model_prefix = "moco"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoCoEncoder", "MoCoBackbone"]
+    # The losses are means over the batch, not sums for transformers' Trainer to divide by `num_items_in_batch`.
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -450,6 +710,47 @@ class MoCoPreTrainedModel(PreTrainedModel):
         (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze()
         return loaded
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with the complete `auto_map` in config.json (transformers maps only the
+        class being saved), so `AutoModel` and `AutoModelForImageClassification` both load the folder with
+        `trust_remote_code=True`."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = torch_checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """Gradient checkpointing of the query encoder's backbone, by timm's `set_grad_checkpointing` (timm calls
+        `torch.utils.checkpoint` at each block; see [`MoCoBackbone`] for what keeps BatchNorm exact). Called by
+        transformers' `activation_checkpointing_enable()` / `_disable()`."""
+        if enable:
+            _check_checkpoint_options(gradient_checkpointing_func, every_n_layers)
+        encoder = self.query_encoder
+        try:
+            encoder.backbone.set_grad_checkpointing(enable)
+        except (AssertionError, NotImplementedError) as e:
+            raise ValueError(
+                f"backbone {self.config.backbone!r} does not support gradient checkpointing in timm ({e}); "
+                "train it without gradient checkpointing"
+            ) from e
+        encoder.gradient_checkpointing = enable
+
+    def _output_options(
+        self, output_hidden_states: bool | list[int] | None, output_attentions: bool | None, return_dict: bool | None
+    ) -> tuple[bool | list[int], bool, bool]:
+        """The forward's options, the config's where not given (as transformers' models)."""
+        config = self.config
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        return_dict = config.return_dict if return_dict is None else return_dict
+        if not isinstance(output_hidden_states, (bool, list, tuple)) or (
+            isinstance(output_hidden_states, (list, tuple)) and not all(isinstance(i, int) for i in output_hidden_states)
+        ):
+            raise ValueError(
+                f"output_hidden_states must be a bool or a list of stage/block indices, got {output_hidden_states!r}"
+            )
+        return output_hidden_states, bool(output_attentions), return_dict is not False
+
 
 class MoCoModel(MoCoPreTrainedModel):
     """MoCo pretraining model: query encoder, momentum key encoder and queue of negative keys.
@@ -461,6 +762,7 @@ class MoCoModel(MoCoPreTrainedModel):
     """
 
     _keys_to_ignore_on_load_missing = [r"^key_encoder\.", r"^queue$", r"^queue_ptr$"]
+    _auto_class = "AutoModel"  # save_pretrained copies the code files (see AUTO_MAP)
 
     def __init__(self, config: MoCoConfig):
         super().__init__(config)
@@ -554,13 +856,21 @@ class MoCoModel(MoCoPreTrainedModel):
         k = F.normalize(k, dim=1)
         return k, k
 
-    def _contrast(self, view_q: torch.Tensor, view_k: torch.Tensor):
+    def _contrast(
+        self,
+        view_q: torch.Tensor,
+        view_k: torch.Tensor,
+        output_hidden_states: bool | list[int] = False,
+        output_attentions: bool = False,
+    ):
         """Query forward, keys and logits for one direction (queries from view_q, keys from view_k)."""
-        features, pooled, q = self.query_encoder.forward_all(view_q, self.config.bn_splits)
+        features, pooled, q, hidden_states, attentions = self.query_encoder.forward_all(
+            view_q, self.config.bn_splits, output_hidden_states, output_attentions
+        )
         q = F.normalize(q, dim=1)  # N x C
         k, k_all = self._keys(view_k)  # N x C, world*N x C
         logits = info_nce_logits(q, k, self.queue, self.config.tau)  # N x (1+K)
-        return features, pooled, q, k, k_all, logits
+        return features, pooled, q, k, k_all, logits, hidden_states, attentions
 
     # -- forward ------------------------------------------------------------------------------------------
 
@@ -568,16 +878,33 @@ class MoCoModel(MoCoPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         key_pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | list[int] | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> MoCoModelOutput | tuple:
+        """One step of Algorithm 1 (train mode, both views), the contrastive loss without any update (eval mode, both
+        views), or the query features (one view).
+
+        `output_hidden_states` (a bool, or indices of stages/blocks as timm's `indices`) and `output_attentions` add
+        the query backbone's hidden states and attention weights (see [`MoCoModelOutput`]); unset, the config's.
+        `return_dict=False` returns `to_tuple()` of the output: its fields in order, without the `None`s.
+        """
+        output_hidden_states, output_attentions, return_dict = self._output_options(
+            output_hidden_states, output_attentions, return_dict
+        )
         _check_images(pixel_values, "pixel_values")
         if key_pixel_values is None:
-            features, pooled, q = self.query_encoder.forward_all(pixel_values)
-            output = MoCoModelOutput(
-                last_hidden_state=features, pooler_output=pooled, query_embeddings=F.normalize(q, dim=1)
+            features, pooled, q, hidden_states, attentions = self.query_encoder.forward_all(
+                pixel_values, 1, output_hidden_states, output_attentions
             )
-            return output if return_dict is not False else output.to_tuple()
+            output = MoCoModelOutput(
+                last_hidden_state=features,
+                pooler_output=pooled,
+                query_embeddings=F.normalize(q, dim=1),
+                hidden_states=hidden_states,
+                attentions=attentions,
+            )
+            return output if return_dict else output.to_tuple()
 
         _check_images(key_pixel_values, "key_pixel_values")
         if key_pixel_values.shape != pixel_values.shape:
@@ -598,11 +925,13 @@ class MoCoModel(MoCoPreTrainedModel):
         if update:
             self.momentum_update_key_encoder()
 
-        features, pooled, q, k, k_all, logits = self._contrast(pixel_values, key_pixel_values)
+        features, pooled, q, k, k_all, logits, hidden_states, attentions = self._contrast(
+            pixel_values, key_pixel_values, output_hidden_states, output_attentions
+        )
         loss = info_nce_loss(logits)
         if self.config.symmetric:
             # Official CIFAR demo: loss_12 + loss_21, then enqueue the keys of both views (view 1 first).
-            _, _, _, k1, k1_all, logits_21 = self._contrast(key_pixel_values, pixel_values)
+            _, _, _, k1, k1_all, logits_21, _, _ = self._contrast(key_pixel_values, pixel_values)
             loss = loss + info_nce_loss(logits_21)
             logits = torch.cat([logits, logits_21], dim=0)  # 2N x (1+K)
             k_all = torch.cat([k1_all, k_all], dim=0)
@@ -616,8 +945,10 @@ class MoCoModel(MoCoPreTrainedModel):
             pooler_output=pooled,
             query_embeddings=q,
             key_embeddings=k,
+            hidden_states=hidden_states,
+            attentions=attentions,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
 
 class MoCoForImageClassification(MoCoPreTrainedModel):
@@ -630,6 +961,7 @@ class MoCoForImageClassification(MoCoPreTrainedModel):
 
     _keys_to_ignore_on_load_unexpected = [r"^key_encoder\.", r"^queue$", r"^queue_ptr$", r"^query_encoder\.head\."]
     _keys_to_ignore_on_load_missing = [r"^classifier\."]
+    _auto_class = "AutoModelForImageClassification"  # save_pretrained copies the code files (see AUTO_MAP)
 
     def __init__(self, config: MoCoConfig):
         super().__init__(config)
@@ -674,16 +1006,20 @@ class MoCoForImageClassification(MoCoPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        output_hidden_states: bool | list[int] | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> ImageClassifierOutput | tuple:
+        """Logits N x num_labels, and with `labels` the loss (cross-entropy; MSE for one label; BCE for multi-hot
+        labels). `output_hidden_states` / `output_attentions` as in [`MoCoModel.forward`]."""
+        output_hidden_states, output_attentions, return_dict = self._output_options(
+            output_hidden_states, output_attentions, return_dict
+        )
         _check_images(pixel_values, "pixel_values")
-        backbone = self.query_encoder.backbone
-        if self.config.freeze_backbone:
-            with torch.no_grad():
-                pooled = backbone.forward_head(backbone.forward_features(pixel_values), pre_logits=True)
-        else:
-            pooled = backbone.forward_head(backbone.forward_features(pixel_values), pre_logits=True)
+        with torch.no_grad() if self.config.freeze_backbone else nullcontext():
+            _, pooled, hidden_states, attentions = self.query_encoder(
+                pixel_values, output_hidden_states, output_attentions
+            )
         logits = self.classifier(pooled)  # N x num_labels
 
         loss = None
@@ -695,8 +1031,8 @@ class MoCoForImageClassification(MoCoPreTrainedModel):
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
             else:
                 loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
-        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=None)
-        return output if return_dict is not False else output.to_tuple()
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
+        return output if return_dict else output.to_tuple()
 
 
 def _check_images(pixel_values, name: str) -> None:
