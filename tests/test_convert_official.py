@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tolerance import PIXEL, UNIT_NORM, tolerance
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
@@ -52,6 +53,11 @@ def save_official(path: Path, encoder_q: nn.Module, encoder_k: nn.Module | None 
     return path
 
 
+# torchvision's ResNet-18 and timm's, eval mode, float32 (tests/_tolerance.py): the longest sum is a convolution over
+# 512 x 3 x 3 inputs, about 25 layers, activations below 10.
+RESNET18 = tolerance(torch.float32, terms=512 * 9, depth=25, scale=10)
+
+
 def pooled(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """torchvision ResNet features after avgpool (everything but fc)."""
     return torch.flatten(nn.Sequential(*list(encoder.children())[:-1])(x), 1)
@@ -74,12 +80,12 @@ def test_v2_full_checkpoint(tmp_path, x):
     assert c.mlp_head is True and c.mlp_hidden_dim is None  # 512 -> 512 -> 128: hidden = feature width
     with torch.no_grad():
         out = model(x)
-        torch.testing.assert_close(out.pooler_output, pooled(encoder_q, x))
-        torch.testing.assert_close(model.query_encoder(x), encoder_q(x))  # the official head output
-        torch.testing.assert_close(out.query_embeddings, F.normalize(encoder_q(x), dim=1))
-        torch.testing.assert_close(model.key_encoder(x), encoder_k(x))
+        torch.testing.assert_close(out.pooler_output, pooled(encoder_q, x), **RESNET18)
+        torch.testing.assert_close(model.query_encoder(x), encoder_q(x), **RESNET18)  # the official head output
+        torch.testing.assert_close(out.query_embeddings, F.normalize(encoder_q(x), dim=1), **RESNET18)
+        torch.testing.assert_close(model.key_encoder(x), encoder_k(x), **RESNET18)
     official = torch.load(checkpoint, weights_only=True)["state_dict"]
-    torch.testing.assert_close(model.queue, official["module.queue"].T)
+    assert torch.equal(model.queue, official["module.queue"].T)  # copied, not computed
     assert model.queue_ptr.tolist() == [24]
 
 
@@ -91,8 +97,8 @@ def test_v1_linear_head(tmp_path, x):
     model = AutoModel.from_pretrained(tmp_path / "out").eval()
     assert model.config.mlp_head is False and model.config.tau == 0.07  # v1 default
     with torch.no_grad():
-        torch.testing.assert_close(model(x).pooler_output, pooled(encoder_q, x))
-        torch.testing.assert_close(model.query_encoder(x), encoder_q(x))
+        torch.testing.assert_close(model(x).pooler_output, pooled(encoder_q, x), **RESNET18)
+        torch.testing.assert_close(model.query_encoder(x), encoder_q(x), **RESNET18)
 
 
 def test_cleaned_checkpoint_copies_query_encoder_and_draws_a_queue(tmp_path, x):
@@ -103,10 +109,10 @@ def test_cleaned_checkpoint_copies_query_encoder_and_draws_a_queue(tmp_path, x):
     model = AutoModel.from_pretrained(tmp_path / "out").eval()
     assert model.config.queue_size == 32 and model.config.tau == 0.1
     with torch.no_grad():
-        torch.testing.assert_close(model(x).pooler_output, pooled(encoder_q, x))
-        torch.testing.assert_close(model.key_encoder(x), encoder_q(x))  # f_k starts as a copy of f_q
+        torch.testing.assert_close(model(x).pooler_output, pooled(encoder_q, x), **RESNET18)
+        torch.testing.assert_close(model.key_encoder(x), encoder_q(x), **RESNET18)  # f_k starts as a copy of f_q
     assert model.queue.shape == (32, DIM) and model.queue_ptr.tolist() == [0]
-    torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(32))
+    torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(32), **UNIT_NORM)
     record = (tmp_path / "out" / "training_config.json").read_text()
     assert "copied from the query encoder" in record and "random unit vectors" in record
 
@@ -125,7 +131,7 @@ def test_cleaned_checkpoint_copies_query_encoder_and_draws_a_queue(tmp_path, x):
     # (odd margins whose half rounds up differ by one pixel, see tests/test_hub.py)
     image = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((400, 300), Image.BICUBIC)
     got = BitImageProcessorPil(**processor.to_dict())(image, return_tensors="pt")["pixel_values"][0]
-    torch.testing.assert_close(got, official(image), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, official(image), **PIXEL)  # the same 8-bit pixels, normalised
 
 
 

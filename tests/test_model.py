@@ -11,6 +11,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from _reference import ReferenceMoCo, encode, plain_copy, sgd
+from _tolerance import UNIT_NORM, tolerance
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForImageClassification
 
@@ -22,7 +23,12 @@ BATCH = 6  # does not divide QUEUE: the pointer wraps around mid-batch
 QUEUE = 20
 LR = 0.1
 STEPS = 5  # of the Algorithm-1 comparison; every case wraps the queue around at least once
-TOL = dict(rtol=1e-5, atol=1e-5)
+# Comparisons of two implementations of the model's computation run in float64 (tests/_tolerance.py): the longest
+# reduction is a BatchNorm over 12 images of 32 x 32 (12,288 terms); a training comparison chains the forward and
+# backward passes of at most 30 layers over 5 steps (depth 5 x 2 x 30 = 300); values stay below 10. In float32 the
+# same comparisons differ by up to 1.2e-5 (the first training steps amplify rounding through BatchNorm over few
+# images), which no fixed float32 tolerance bounds on every CPU.
+TOL = tolerance(torch.float64, terms=12 * 32 * 32, depth=300, scale=10)
 
 
 def tiny_config(backbone: str = "test_resnet", **overrides) -> MoCoConfig:
@@ -33,8 +39,8 @@ def tiny_config(backbone: str = "test_resnet", **overrides) -> MoCoConfig:
     return MoCoConfig(**kwargs)
 
 
-def images(n: int = BATCH, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+def images(n: int = BATCH, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -82,10 +88,9 @@ def assert_states_close(actual: torch.nn.Module, expected: torch.nn.Module) -> N
 # ---------------------------------------------------------------------------------------------------------
 
 # (config overrides, batch size). No batch divides the queue of 20. With split BN each chunk keeps >= 3 images:
-# BatchNorm over 2 samples is so ill-conditioned that float rounding alone grows past the tolerance in a few steps.
-# Split BN cases run in float64: the model's one-pass SplitBatchNorm2d and the reference's per-chunk torch BatchNorm
-# round differently, and over 3-4 images per chunk float32 rounding differences grow past the tolerance within a
-# few steps (SplitBatchNorm2d itself is checked against per-chunk BatchNorm in float32 further down).
+# BatchNorm over 2 samples is so ill-conditioned that float rounding alone grows by orders of magnitude in a few
+# steps. Every case runs in float64 (see TOL); SplitBatchNorm2d is checked against per-chunk BatchNorm in float32
+# further down.
 ALGORITHM_CASES = {
     "v2": (dict(), BATCH),
     "v1_linear_head": (dict(mlp_head=False, tau=0.07, momentum=0.5), BATCH),
@@ -100,7 +105,7 @@ ALGORITHM_CASES = {
 def test_training_matches_algorithm_1(case):
     overrides, batch = ALGORITHM_CASES[case]
     config = tiny_config(**overrides)
-    dtype = torch.float64 if config.bn_splits > 1 else torch.float32
+    dtype = torch.float64
     model = MoCoModel(config).to(dtype).train()
     ref = ReferenceMoCo(
         model.query_encoder,
@@ -124,7 +129,7 @@ def test_training_matches_algorithm_1(case):
         torch.manual_seed(100 + step)
         ref_loss, ref_keys = ref.step(x1, x2)
 
-        torch.testing.assert_close(out.loss, ref_loss.float(), **TOL)  # the model's logits are float32
+        torch.testing.assert_close(out.loss, ref_loss, **TOL)  # float64 logits: promoted, never narrowed
         # Symmetric: the reference enqueues [k1, k2]; the model returns k2, the keys of its `key_pixel_values`.
         torch.testing.assert_close(out.key_embeddings, ref_keys[-batch:], **TOL)
         torch.testing.assert_close(model.queue, ref.queue.T, **TOL)
@@ -150,11 +155,11 @@ def test_training_matches_algorithm_1(case):
 
 
 def test_shuffle_bn_with_split_bn_changes_keys_but_keeps_each_with_its_image():
-    shuffled = MoCoModel(tiny_config(bn_splits=2, shuffle_bn=True)).train()
+    shuffled = MoCoModel(tiny_config(bn_splits=2, shuffle_bn=True)).double().train()
     plain = copy.deepcopy(shuffled)
     plain.config = copy.deepcopy(shuffled.config)
     plain.config.shuffle_bn = False
-    x1, x2 = images(8, seed=1), images(8, seed=2)
+    x1, x2 = images(8, seed=1, dtype=torch.float64), images(8, seed=2, dtype=torch.float64)
     torch.manual_seed(3)
     perm = torch.randperm(8)
     torch.manual_seed(3)
@@ -163,7 +168,7 @@ def test_shuffle_bn_with_split_bn_changes_keys_but_keeps_each_with_its_image():
 
     # Each BN chunk holds other images, so the statistics (and keys) change ...
     assert not set(perm[:4].tolist()) == set(range(4))
-    assert not torch.allclose(k_shuffled, k_plain, atol=1e-4)
+    assert not torch.allclose(k_shuffled, k_plain, atol=1e-4)  # 1e-4: far above float64 rounding (TOL)
     # ... but key i is still the key of image i: it equals f_k on image i with the same chunk-mates.
     with torch.no_grad():
         chunk_keys = encode(shuffled.key_encoder, x2[perm], splits=2)
@@ -171,8 +176,8 @@ def test_shuffle_bn_with_split_bn_changes_keys_but_keeps_each_with_its_image():
 
 
 def test_shuffle_bn_in_one_chunk_gives_the_unshuffled_keys():
-    model = MoCoModel(tiny_config(bn_splits=1, shuffle_bn=True)).train()
-    x1, x2 = images(seed=1), images(seed=2)
+    model = MoCoModel(tiny_config(bn_splits=1, shuffle_bn=True)).double().train()
+    x1, x2 = images(seed=1, dtype=torch.float64), images(seed=2, dtype=torch.float64)
     reference = copy.deepcopy(model.key_encoder)
     out = model(x1, x2)
     with torch.no_grad():
@@ -206,10 +211,10 @@ def test_gradients_reach_query_encoder_only(symmetric):
 
 
 def test_eval_forward_changes_no_state():
-    model = trained_model()
+    model = trained_model().double()
     model.eval()
     before = snapshot(model)
-    x1, x2 = images(seed=10), images(seed=11)
+    x1, x2 = images(seed=10, dtype=torch.float64), images(seed=11, dtype=torch.float64)
     features = model(x1)
     contrast = model(x1, x2)
     assert_states_equal(snapshot(model), before)
@@ -217,11 +222,11 @@ def test_eval_forward_changes_no_state():
     num_features = model.query_encoder.backbone.num_features
     assert features.loss is None and features.logits is None
     assert features.pooler_output.shape == (BATCH, num_features)
-    torch.testing.assert_close(features.query_embeddings.norm(dim=1), torch.ones(BATCH))
-    torch.testing.assert_close(features.last_hidden_state, model.query_encoder.backbone.forward_features(x1))
+    torch.testing.assert_close(features.query_embeddings.norm(dim=1), torch.ones(BATCH, dtype=torch.float64), **TOL)
+    torch.testing.assert_close(features.last_hidden_state, model.query_encoder.backbone.forward_features(x1), **TOL)
     assert contrast.logits.shape == (BATCH, 1 + QUEUE)
     assert torch.isfinite(contrast.loss)
-    torch.testing.assert_close(contrast.query_embeddings, features.query_embeddings)
+    torch.testing.assert_close(contrast.query_embeddings, features.query_embeddings, **TOL)
 
 
 def test_feature_forward_in_train_mode_leaves_queue_and_key_encoder():
@@ -270,18 +275,21 @@ def test_compiled_step_keeps_eager_gradients():
     x, k = torch.randn(4, 8), F.normalize(torch.randn(4, 4), dim=1)
     eager(x, k).backward()
     torch.compile(compiled)(x, k).backward()
-    torch.testing.assert_close(compiled.encoder.weight.grad, eager.encoder.weight.grad, **TOL)
+    # float32, as trained: reductions of at most 8 terms (the linear layer), about 10 chained forward and backward,
+    # gradients below 10 (logits / tau = 5 times unit-vector dot products, times inputs of a few units)
+    torch.testing.assert_close(compiled.encoder.weight.grad, eager.encoder.weight.grad,
+                               **tolerance(torch.float32, terms=8, depth=10, scale=10))
     assert torch.equal(compiled.queue, eager.queue)
 
 
 def _train_compiled_against_eager(device: str, mode: str, symmetric: bool, steps: int = 4):
     """A few SGD steps of one MoCoModel eagerly and of a copy whose encoders are compiled in `mode`, on the same
-    batches; returns both models. Without the key permutation of shuffle BN: compiling draws from the global
-    generator, which would give the compiled model other permutations."""
+    batches, in float64 (see TOL); returns both models. Without the key permutation of shuffle BN: compiling draws
+    from the global generator, which would give the compiled model other permutations."""
     torch.manual_seed(0)
     config = MoCoConfig(backbone="test_resnet", embed_dim=16, queue_size=64, bn_splits=4, shuffle_bn=False,
                         symmetric=symmetric)
-    eager = MoCoModel(config).to(device).train()
+    eager = MoCoModel(config).to(device, torch.float64).train()
     compiled = copy.deepcopy(eager)
     compiled.query_encoder.compile(mode=mode)
     compiled.key_encoder.compile(mode=mode)
@@ -289,7 +297,7 @@ def _train_compiled_against_eager(device: str, mode: str, symmetric: bool, steps
                   for m in (eager, compiled)]
     for step in range(steps):
         torch.manual_seed(100 + step)
-        view_q, view_k = torch.randn(2, 32, 3, 32, 32, device=device)  # 8 images per BN split: well conditioned
+        view_q, view_k = torch.randn(2, 32, 3, 32, 32, device=device, dtype=torch.float64)  # 8 images per BN split
         for model, optimizer in zip((eager, compiled), optimizers):
             if model is compiled:  # as pretrain.py does with CUDA graphs
                 torch.compiler.cudagraph_mark_step_begin()
@@ -306,13 +314,14 @@ def test_cuda_graphs_train_like_eager(symmetric, monkeypatch):
     still match eager (weights, BN running statistics, queue), and no graph may have been skipped."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions: differences stay rounding
     counters.clear()
     eager, graphed = _train_compiled_against_eager("cuda", "reduce-overhead", symmetric)
     assert counters["inductor"]["cudagraph_skips"] == 0, "inductor ran some graphs without CUDA graphs"
     expected = eager.state_dict()
+    # float64: 32 images of 32 x 32 in the largest BatchNorm, 4 steps of at most 30 layers forward and backward
+    step_tolerance = tolerance(torch.float64, terms=32 * 32 * 32, depth=4 * 2 * 30, scale=10)
     for name, tensor in graphed.state_dict().items():
-        torch.testing.assert_close(tensor, expected[name], rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(tensor, expected[name], **step_tolerance, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,7 +376,7 @@ def test_checkpoint_without_key_encoder_or_queue_loads(tmp_path, dropped):
     assert all(not p.requires_grad for p in loaded.key_encoder.parameters())
     if drop_queue:
         assert loaded.queue_ptr.item() == 0
-        torch.testing.assert_close(loaded.queue.norm(dim=1), torch.ones(QUEUE))
+        torch.testing.assert_close(loaded.queue.norm(dim=1), torch.ones(QUEUE), **UNIT_NORM)
         assert not torch.equal(loaded.queue, saved["queue"])
     else:
         assert torch.equal(loaded.queue, saved["queue"]) and torch.equal(loaded.queue_ptr, saved["queue_ptr"])
@@ -391,7 +400,8 @@ def test_classifier_from_moco_checkpoint(tmp_path):
     x, labels = images(seed=3), torch.arange(BATCH) % 10
     out = clf.train()(x, labels=labels)
     assert out.logits.shape == (BATCH, 10) and torch.isfinite(out.logits).all()
-    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels),
+                               **tolerance(torch.float32, terms=10, depth=2, scale=10))  # 10 classes, a mean
     out.loss.backward()
     assert all(p.grad is not None for p in clf.parameters())
 
@@ -431,7 +441,7 @@ def test_fresh_model_keeps_timm_initialisation(backbone):
     expected = timm.create_model(backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
     assert_states_equal(snapshot(model.query_encoder.backbone), snapshot(expected))
     assert_states_equal(snapshot(model.key_encoder), snapshot(model.query_encoder))  # f_k.params = f_q.params
-    torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(QUEUE))
+    torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(QUEUE), **UNIT_NORM)
     assert model.queue_ptr.item() == 0
 
     torch.manual_seed(3)
@@ -516,7 +526,7 @@ def test_backbone_trains(backbone):
     assert model.queue_ptr.item() == (3 * BATCH) % QUEUE
     assert not torch.equal(end["queue"][: 3 * BATCH], start["queue"][: 3 * BATCH])
     assert torch.equal(end["queue"][3 * BATCH :], start["queue"][3 * BATCH :])
-    torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(QUEUE))
+    torch.testing.assert_close(model.queue.norm(dim=1), torch.ones(QUEUE), **UNIT_NORM)
     for prefix in ("query_encoder.", "key_encoder."):
         assert any(not torch.equal(end[n], start[n]) for n in start if n.startswith(prefix)), prefix
 
@@ -542,36 +552,43 @@ def per_chunk_batchnorm(bn: torch.nn.BatchNorm2d, x: torch.Tensor, splits: int, 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_split_batchnorm_matches_per_chunk_batchnorm(memory_format, momentum):
+    """In float64 (the algorithm, not float32 rounding, is under test): BN_TOL."""
     splits, channels = 3, 5
     g = torch.Generator().manual_seed(0)
-    bn = SplitBatchNorm2d(channels, splits, momentum=momentum).train()
+    bn = SplitBatchNorm2d(channels, splits, momentum=momentum, dtype=torch.float64).train()
     with torch.no_grad():
         for tensor in (bn.weight, bn.bias, bn.running_mean):
-            tensor.copy_(torch.randn(channels, generator=g))
+            tensor.copy_(torch.randn(channels, generator=g, dtype=torch.float64))
         bn.running_var.uniform_(0.5, 2.0, generator=g)
     weight, bias = (t.detach().clone().requires_grad_() for t in (bn.weight, bn.bias))
 
     for step in range(2):  # momentum=None: factors 1 then 1/2
-        x = (torch.randn(12, channels, 4, 3, generator=g) * 3 + 2).contiguous(memory_format=memory_format)
+        x = (torch.randn(12, channels, 4, 3, generator=g, dtype=torch.float64) * 3 + 2)
+        x = x.contiguous(memory_format=memory_format)
         x_ref = x.detach().clone().requires_grad_()
         x.requires_grad_()
-        upstream = torch.randn(12, channels, 4, 3, generator=g)
+        upstream = torch.randn(12, channels, 4, 3, generator=g, dtype=torch.float64)
         expected, mean, var = per_chunk_batchnorm(bn, x_ref, splits, weight, bias)
         out = bn(x)
 
         assert out.is_contiguous(memory_format=memory_format)
-        torch.testing.assert_close(out, expected, **TOL)
-        torch.testing.assert_close(bn.running_mean, mean, **TOL)
-        torch.testing.assert_close(bn.running_var, var, **TOL)
+        torch.testing.assert_close(out, expected, **BN_TOL)
+        torch.testing.assert_close(bn.running_mean, mean, **BN_TOL)
+        torch.testing.assert_close(bn.running_var, var, **BN_TOL)
         assert bn.num_batches_tracked.item() == step + 1
 
         bn.zero_grad()
         (out * upstream).sum().backward()
         (expected * upstream).sum().backward()
-        torch.testing.assert_close(x.grad, x_ref.grad, **TOL)
-        torch.testing.assert_close(bn.weight.grad, weight.grad, **TOL)
-        torch.testing.assert_close(bn.bias.grad, bias.grad, **TOL)
+        torch.testing.assert_close(x.grad, x_ref.grad, **BN_TOL)
+        torch.testing.assert_close(bn.weight.grad, weight.grad, **BN_TOL)
+        torch.testing.assert_close(bn.bias.grad, bias.grad, **BN_TOL)
         weight.grad = bias.grad = None
+
+
+# Split BatchNorm layers alone, in float64: the longest reduction is a weight or bias gradient over a whole batch
+# (12 x 4 x 3 = 144 products), about 8 chained forward and backward; products of values of a few units, summed.
+BN_TOL = tolerance(torch.float64, terms=144, depth=8, scale=100)
 
 
 def random_split_batchnorm(channels: int, splits: int, seed: int = 0, **kwargs) -> SplitBatchNorm2d:
@@ -602,25 +619,26 @@ def test_split_batchnorm_gradcheck(splits, affine):
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_split_batchnorm_function_matches_plain_ops(memory_format, affine):
-    """Eager mode (the autograd Function) computes what the plain ops used under torch.compile compute."""
+    """Eager mode (the autograd Function) computes what the plain ops used under torch.compile compute (float64)."""
     splits, channels = 2, 4
-    bn = random_split_batchnorm(channels, splits, affine=affine)
+    bn = random_split_batchnorm(channels, splits, affine=affine, dtype=torch.float64)
     params = [p.detach().clone().requires_grad_() for p in (bn.weight, bn.bias)] if affine else [None, None]
     g = torch.Generator().manual_seed(1)
-    x = (torch.randn(6, channels, 5, 3, generator=g) * 3 + 2).contiguous(memory_format=memory_format)
+    x = (torch.randn(6, channels, 5, 3, generator=g, dtype=torch.float64) * 3 + 2)
+    x = x.contiguous(memory_format=memory_format)
     x_ref = x.detach().clone().requires_grad_()
     x.requires_grad_()
-    upstream = torch.randn(6, channels, 5, 3, generator=g)
+    upstream = torch.randn(6, channels, 5, 3, generator=g, dtype=torch.float64)
 
     out = bn(x)
     expected = _split_batch_norm_ops(x_ref, splits, *params, bn.eps)[0]
     assert out.is_contiguous(memory_format=memory_format)
-    torch.testing.assert_close(out, expected, **TOL)
+    torch.testing.assert_close(out, expected, **BN_TOL)
     (out * upstream).sum().backward()
     (expected * upstream).sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, **TOL)
+    torch.testing.assert_close(x.grad, x_ref.grad, **BN_TOL)
     for p, ref in zip(bn.parameters(), params):
-        torch.testing.assert_close(p.grad, ref.grad, **TOL)
+        torch.testing.assert_close(p.grad, ref.grad, **BN_TOL)
 
 
 def split_batchnorm_saved_tensors(forward, x: torch.Tensor) -> list[tuple[torch.dtype, int]]:
@@ -706,11 +724,11 @@ def count_stem_calls(encoder) -> list:
 
 
 def test_split_bn_encoder_runs_once_and_matches_per_chunk_reference():
-    model = MoCoModel(tiny_config(bn_splits=2)).train()
+    model = MoCoModel(tiny_config(bn_splits=2)).double().train()
     encoder = model.query_encoder
     plain = plain_copy(encoder)
     calls = count_stem_calls(encoder)
-    x = images(8, seed=1)
+    x = images(8, seed=1, dtype=torch.float64)
 
     out = encoder(x, 2)
     assert len(calls) == 1
@@ -726,7 +744,7 @@ def test_split_bn_encoder_runs_once_and_matches_per_chunk_reference():
     torch.testing.assert_close(features, encode(plain, x), rtol=0, atol=0)
     assert_states_equal(snapshot(encoder), snapshot(plain))
 
-    model(x, images(8, seed=2))  # one pass of each encoder per step
+    model(x, images(8, seed=2, dtype=torch.float64))  # one pass of each encoder per step
     assert len(calls) == 3
 
     plain.load_state_dict(encoder.state_dict())  # in eval mode the kept backbone is plain BatchNorm
@@ -735,26 +753,26 @@ def test_split_bn_encoder_runs_once_and_matches_per_chunk_reference():
 
 def test_split_bn_falls_back_to_chunks_with_other_batchnorms():
     """timm's BatchNormAct2d is not converted: the encoder then runs once per chunk, as before."""
-    model = MoCoModel(tiny_config("test_efficientnet", bn_splits=2)).train()
+    model = MoCoModel(tiny_config("test_efficientnet", bn_splits=2)).double().train()
     encoder = model.query_encoder
     assert not encoder.split_bn
     assert not any(isinstance(m, SplitBatchNorm2d) for m in encoder.modules())
     reference = copy.deepcopy(encoder)
     calls = count_stem_calls(encoder)
-    x = images(8, seed=1)
+    x = images(8, seed=1, dtype=torch.float64)
     out = encoder(x, 2)
     assert len(calls) == 2
     torch.testing.assert_close(F.normalize(out, dim=1), torch.cat([encode(reference, c) for c in x.chunk(2)]), **TOL)
-    assert torch.isfinite(model(x, images(8, seed=2)).loss)
+    assert torch.isfinite(model(x, images(8, seed=2, dtype=torch.float64)).loss)
 
 
 def test_compiled_split_bn_encoder_matches_eager():
     """The split count is set outside the compiled forward: one graph per count, without graph breaks."""
     torch._dynamo.reset()
-    encoder = MoCoEncoder(tiny_config(bn_splits=2)).train()
+    encoder = MoCoEncoder(tiny_config(bn_splits=2)).double().train()
     eager = copy.deepcopy(encoder)
     encoder.compile(backend="aot_eager", fullgraph=True)  # whole-encoder capture; inductor's kernels: next test
-    x = images(4, seed=1)[..., :16, :16]
+    x = images(4, seed=1, dtype=torch.float64)[..., :16, :16]
     for splits in (2, 1):  # splits=1 must not reuse the split graph
         encoder.zero_grad()
         eager.zero_grad()
@@ -778,10 +796,10 @@ def test_inductor_split_batchnorm_matches_eager():
         torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(),
         torch.nn.Linear(8, 4),
-    ).train()
+    ).double().train()
     compiled = copy.deepcopy(net)
     compiled.compile()
-    x = images(8, seed=3)[..., :12, :12].contiguous(memory_format=torch.channels_last)
+    x = images(8, seed=3, dtype=torch.float64)[..., :12, :12].contiguous(memory_format=torch.channels_last)
     for model in (net, compiled):
         model(x).square().mean().backward()
     for (name, p), e in zip(compiled.named_parameters(), net.parameters()):
