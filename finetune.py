@@ -35,25 +35,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
-import moco_hf  # noqa: F401  (registers MoCo with the Auto classes and the small-image ResNets with timm)
-from moco_hf.data import EvalTransform
-from moco_hf.evaluation import (
-    ClassificationCollator,
-    LabeledSplit,
-    Preprocessing,
-    TrainTransform,
-    is_timm_folder,
-    load_labeled_split,
-    preprocessing_for,
-    read_model_config,
-    record_metrics,
-)
-from moco_hf.modeling_moco import MoCoForImageClassification
-
+# moco_hf, torch's data tools and Trainer are imported where they are used, so that `--help` and mistakes in the
+# arguments answer quickly.
 logger = logging.getLogger("finetune")
 
 # Trainer defaults replaced (any can be overridden on the command line). Chosen for the digits demo, where they give
@@ -76,13 +61,14 @@ TRAINING_DEFAULTS = dict(
     logging_steps=10,
     report_to="none",
     remove_unused_columns=False,
-    dataloader_num_workers=min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0,
-    dataloader_pin_memory=torch.cuda.is_available(),
     seed=0,
 )
 # Train augmentation for the embedded digits: digits are not mirror-symmetric, and a crop of 8 % of a 32 px digit
 # no longer shows which digit it is.
 DIGITS_AUGMENTATION = dict(crop_min_scale=0.6, flip_prob=0.0)
+# What a finished fine-tuning leaves in output_dir (and --overwrite_output_dir deletes, with Trainer's checkpoints).
+MODEL_ARTEFACTS = ("config.json", "model.safetensors", "model.safetensors.index.json", "metrics.json",
+                   "training_config.json", "preprocessor_config.json", "training_args.bin", "README.md")
 
 
 @dataclass
@@ -113,12 +99,16 @@ class FinetuneArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "train on a random subset"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on a random subset"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "start over in an output_dir that holds another run (deletes its model "
+                                         "files and checkpoints)"}
+    )
 
 
 @dataclass
 class FinetuneResult:
     metrics: dict
-    trainer: Trainer
+    trainer: object  # transformers.Trainer
     output_dir: str
 
 
@@ -127,20 +117,30 @@ class FinetuneResult:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _loader_defaults() -> dict:
+    """DataLoader workers and pinned memory: on a GPU machine only (the CPU demo trains in the main process)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return dict(dataloader_num_workers=min(8, os.cpu_count() or 1) if cuda else 0, dataloader_pin_memory=cuda)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[FinetuneArguments, TrainingArguments]:
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments), description=__doc__)
-    parser.set_defaults(**TRAINING_DEFAULTS)
+    parser.set_defaults(**TRAINING_DEFAULTS, **_loader_defaults())
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return args, training_args
 
 
 def training_arguments(**overrides) -> TrainingArguments:
     """TrainingArguments with this script's defaults (`TRAINING_DEFAULTS`) and `overrides`."""
-    return TrainingArguments(**{**TRAINING_DEFAULTS, **overrides})
+    return TrainingArguments(**{**TRAINING_DEFAULTS, **_loader_defaults(), **overrides})
 
 
-def build_datasets(args: FinetuneArguments, preprocessing: Preprocessing) -> tuple[LabeledSplit, LabeledSplit]:
-    """(train, eval) splits, map-style with undecoded images, sharing the train split's class indices."""
+def build_datasets(args: FinetuneArguments, preprocessing):
+    """(train, eval) `LabeledSplit`s, map-style with undecoded images, sharing the train split's class indices."""
+    from moco_hf.data import load_labeled_split
+
     common = dict(dataset_name=args.dataset_name, dataset_config=args.dataset_config, train_dir=args.train_dir,
                   image_column=args.image_column, label_column=args.label_column,
                   demo_image_size=preprocessing.image_size)
@@ -158,8 +158,10 @@ def resolve_augmentation(args: FinetuneArguments) -> dict:
     return {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in defaults.items()}
 
 
-def build_transforms(args: FinetuneArguments, preprocessing: Preprocessing):
+def build_transforms(args: FinetuneArguments, preprocessing):
     """(train, eval) image transforms: RandomResizedCrop + flip + normalise; resize + center crop + normalise."""
+    from moco_hf.data import EvalTransform, TrainTransform
+
     size, mean, std = preprocessing.image_size, preprocessing.mean, preprocessing.std
     augmentation = resolve_augmentation(args)
     train = TrainTransform(size, mean, std, augmentation["crop_min_scale"], augmentation["flip_prob"],
@@ -172,6 +174,11 @@ def load_model(model_dir: str, label_names: list[str], freeze_backbone: bool = F
     """The model to fine-tune with a fresh `len(label_names)`-way classifier: `MoCoForImageClassification` for a
     MoCo folder (query backbone kept; key encoder, queue and projection head dropped), transformers' TimmWrapper
     for a timm-format folder."""
+    from transformers import AutoModelForImageClassification
+
+    from moco_hf.evaluation import is_timm_folder, read_model_config
+    from moco_hf.modeling_moco import MoCoForImageClassification
+
     config = read_model_config(model_dir)
     labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                   label2id={name: i for i, name in enumerate(label_names)})
@@ -188,6 +195,8 @@ def load_model(model_dir: str, label_names: list[str], freeze_backbone: bool = F
 
 def compute_metrics(eval_pred) -> dict:
     """Top-1 (and top-5 with at least 5 classes) accuracy in %, from the eval logits."""
+    import numpy as np
+
     logits, labels = eval_pred.predictions, eval_pred.label_ids
     logits = logits[0] if isinstance(logits, tuple) else logits
     order = np.argsort(-logits, axis=1)  # N x C
@@ -204,11 +213,25 @@ def compute_metrics(eval_pred) -> dict:
 
 def run(args: FinetuneArguments, training_args: TrainingArguments, callbacks: list | None = None) -> FinetuneResult:
     """Fine-tune `args.model_dir` with transformers' Trainer; save the model, processor and metrics to
-    `training_args.output_dir`. `callbacks` are extra `TrainerCallback`s."""
+    `training_args.output_dir`. `callbacks` are extra `TrainerCallback`s.
+
+    An output_dir holding another run's model or checkpoints is refused (ValueError) unless
+    `args.overwrite_output_dir` or, for checkpoints, `resume_from_checkpoint`; nothing is written before the data
+    and the model have loaded."""
+    import torch
+    from transformers import Trainer
+
+    import moco_hf  # noqa: F401  (registers MoCo with the Auto classes and the small-image ResNets with timm)
+    from moco_hf.data import ClassificationCollator
+    from moco_hf.evaluation import preprocessing_for
+    from moco_hf.run_folder import check_model_output_dir, clear_run
+
     if training_args.hub_token:
         raise ValueError("--hub_token would be written into training_args.bin next to the model (Trainer saves its "
                          "arguments); set HF_TOKEN or log in once with `hf auth login` instead")
     training_args.remove_unused_columns = False  # the raw image column feeds the transform
+    out = training_args.output_dir
+    check_model_output_dir(out, args.overwrite_output_dir, resume=bool(training_args.resume_from_checkpoint))
     preprocessing = preprocessing_for(args.model_dir, args.image_size)
     train, evaluation = build_datasets(args, preprocessing)
     train_transform, eval_transform = build_transforms(args, preprocessing)
@@ -216,6 +239,10 @@ def run(args: FinetuneArguments, training_args: TrainingArguments, callbacks: li
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_collator, eval_collator = ClassificationCollator(allow_empty=False), ClassificationCollator(allow_empty=False)
+    if args.overwrite_output_dir and training_args.process_index == 0:  # everything loaded: the first writes
+        removed = clear_run(out, MODEL_ARTEFACTS, trainer_checkpoints=True)
+        if removed:
+            print(f"overwrite_output_dir: deleted {', '.join(removed)} from {out}")
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -250,7 +277,6 @@ def run(args: FinetuneArguments, training_args: TrainingArguments, callbacks: li
         "finetune_skipped_train_images": train_skipped,  # over all epochs
         "finetune_skipped_eval_images": eval_collator.skipped,
     }
-    out = training_args.output_dir
     if trainer.is_world_process_zero():
         save(trainer, out, args, training_args, preprocessing, metrics)
         if train_skipped or metrics["finetune_skipped_eval_images"]:
@@ -267,16 +293,16 @@ def _name(value) -> str:
 class _SplitCollator:
     """Sends each batch to its split's `ClassificationCollator` (by the `_split` tag): skips counted per split."""
 
-    def __init__(self, train: ClassificationCollator, evaluation: ClassificationCollator):
+    def __init__(self, train, evaluation):
         self.train, self.evaluation = train, evaluation
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict]) -> dict:
         target = self.train if examples and examples[0].get("_split") == "train" else self.evaluation
         return target([{k: v for k, v in e.items() if k != "_split"} for e in examples])
 
 
-class _TaggedDataset(torch.utils.data.Dataset):
-    """A dataset whose examples also carry `_split`, for `_SplitCollator`."""
+class _TaggedDataset:
+    """A (map-style) dataset whose examples also carry `_split`, for `_SplitCollator`."""
 
     def __init__(self, dataset, split: str):
         self.dataset, self.split = dataset, split
@@ -288,11 +314,13 @@ class _TaggedDataset(torch.utils.data.Dataset):
         return {**self.dataset[index], "_split": self.split}
 
 
-def save(trainer: Trainer, out: str, args: FinetuneArguments, training_args: TrainingArguments,
-         preprocessing: Preprocessing, metrics: dict) -> None:
+def save(trainer, out: str, args: FinetuneArguments, training_args: TrainingArguments, preprocessing,
+         metrics: dict) -> None:
     """save_pretrained + eval transform (preprocessor_config.json; for TimmWrapper, config.json's pretrained_cfg) +
-    metrics.json + training_config.json in `out`."""
+    metrics.json + training_config.json in `out`, readable by others as the umask says."""
+    from moco_hf.evaluation import record_metrics
     from moco_hf.hub import save_image_processor
+    from moco_hf.run_folder import share_files
 
     model = trainer.model
     crop_pct = args.eval_crop_pct or preprocessing.crop_pct
@@ -315,19 +343,26 @@ def save(trainer: Trainer, out: str, args: FinetuneArguments, training_args: Tra
                  else getattr(training_args, key) for key in optimisation}}
     with open(os.path.join(out, "training_config.json"), "w") as f:
         json.dump(record, f, indent=2)
+    share_files(out)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MOCO_HF_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("datasets", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args, training_args = parse_args(argv)
     try:
-        run(args, training_args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"finetune.py: error: {err}", file=sys.stderr)
+        args, training_args = parse_args(argv)  # argparse prints its own one-line errors and exits with 2
+    except ValueError as err:  # TrainingArguments' own checks
+        if debug:
+            raise
+        print(f"finetune.py: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    return 0
+    from moco_hf.cli import run_command
+
+    return run_command("finetune.py", lambda: run(args, training_args), debug=debug)
 
 
 if __name__ == "__main__":

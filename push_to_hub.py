@@ -19,12 +19,10 @@ because `timm.create_model("hf-hub:...")` reads only repository roots). --backbo
 """
 
 import argparse
+import os
 import sys
 
-from huggingface_hub.utils import disable_progress_bars
-from transformers.utils import logging as transformers_logging
-
-from moco_hf.hub import HubError, push, stage
+# moco_hf (torch, timm, transformers) is imported once the arguments are known to be good.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,47 +42,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--dry_run", metavar="DIR", default=None, help="stage the files that would be uploaded into DIR; upload nothing"
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or MOCO_HF_DEBUG=1)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    disable_progress_bars()  # this script prints its own summary
-    transformers_logging.disable_progress_bar()
+    debug = args.debug or os.environ.get("MOCO_HF_DEBUG", "") not in ("", "0")
+    from moco_hf.cli import run_command
+    from moco_hf.hub import HubError
+
     try:
-        if args.dry_run is not None:
-            files = stage(
-                args.model_dir, args.dry_run, args.repo_id, backbone_repo_id=args.backbone_repo_id,
-                license=args.license, datasets=args.dataset, token=args.token,
-            )
-            print(f"dry run: staged {len(files)} files in {args.dry_run} for {args.repo_id}; nothing uploaded")
-            for name in files:
-                print(f"  {name}")
-            if not args.no_backbone_repo:
-                target = args.backbone_repo_id or f"{args.repo_id}-timm"
-                print(f"  (backbone/ would also be uploaded to the root of {target})")
-            return 0
-        result = push(
-            args.model_dir,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            token=args.token,
-            backbone_repo_id=args.backbone_repo_id,
-            push_backbone=not args.no_backbone_repo,
-            license=args.license,
-            datasets=args.dataset,
-        )
-    except HubError as e:
+        return run_command("push_to_hub.py", lambda: publish(args), debug=debug)
+    except HubError as e:  # the expected failures (bad folder, no token, refused upload): one line, token redacted
+        if debug:
+            raise
         print(f"push_to_hub.py: error: {e}", file=sys.stderr)
         return 1
+
+
+def publish(args: argparse.Namespace) -> None:
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    from moco_hf.hub import push, stage
+
+    disable_progress_bars()  # this script prints its own summary
+    transformers_logging.disable_progress_bar()
+    if args.dry_run is not None:
+        files = stage(
+            args.model_dir, args.dry_run, args.repo_id, backbone_repo_id=args.backbone_repo_id,
+            license=args.license, datasets=args.dataset, token=args.token,
+        )
+        print(f"dry run: staged {len(files)} files in {args.dry_run} for {args.repo_id}; nothing uploaded")
+        for name in files:
+            print(f"  {name}")
+        if not args.no_backbone_repo:
+            target = args.backbone_repo_id or f"{args.repo_id}-timm"
+            print(f"  (backbone/ would also be uploaded to the root of {target})")
+        return
+    result = push(
+        args.model_dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        token=args.token,
+        backbone_repo_id=args.backbone_repo_id,
+        push_backbone=not args.no_backbone_repo,
+        license=args.license,
+        datasets=args.dataset,
+    )
     print(f"uploaded {len(result.files)} files to https://huggingface.co/{result.repo_id}")
     if result.backbone_repo_id:
         print(f"uploaded the timm backbone to https://huggingface.co/{result.backbone_repo_id}")
     for url in result.commit_urls:
         print(f"  commit: {url}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from torch import nn
 
 from moco_hf import MoCoConfig, MoCoModel
 from moco_hf.modeling_moco import SplitBatchNorm2d
-from moco_hf.training import COMPILE_MODES, uses_cuda_graphs
+from moco_hf.training import uses_cuda_graphs
+from pretrain import COMPILE_MODES
 
 
 class DemoSplitBatchNorm(nn.BatchNorm2d):

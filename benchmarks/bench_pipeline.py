@@ -65,21 +65,21 @@ def pipeline_throughput(cfg, gpu: bool, device: torch.device, batches: int) -> f
     """images/s of (view_q, view_k) batches ready on `device`, after warm-up batches (and the device cache's fill)."""
     from accelerate import PartialState
 
-    import pretrain
+    from moco_hf import pretraining
     from moco_hf.training import TrainState
     from moco_hf.views import BatchStream, CachedViews, CPUViews, GPUViews
 
     state = PartialState()
-    model = pretrain.build_model(cfg)
-    stats = pretrain.data_stats(model)
-    dataset, loader, _ = pretrain.build_train_loader(cfg, state, stats, gpu=gpu)
+    model = pretraining.build_model(cfg)
+    stats = pretraining.data_stats(model)
+    dataset, loader, _ = pretraining.build_train_loader(cfg, state, stats, gpu=gpu)
     position = TrainState()
     stream = BatchStream(dataset, loader, position)
-    cache = pretrain.build_device_cache(cfg, dataset, loader, device, None) if gpu else None
+    cache = pretraining.build_device_cache(cfg, dataset, loader, device, None) if gpu else None
     if cache is not None:
-        views = CachedViews(cache, position, pretrain.make_gpu_augment(cfg, stats), 0, 0, cfg.batch_size)
+        views = CachedViews(cache, position, pretraining.make_gpu_augment(cfg, stats), 0, 0, cfg.batch_size)
     elif gpu:
-        views = GPUViews(stream, device, pretrain.make_gpu_augment(cfg, stats), 0, 0, cfg.batch_size)
+        views = GPUViews(stream, device, pretraining.make_gpu_augment(cfg, stats), 0, 0, cfg.batch_size)
     else:
         views = CPUViews(stream, device, cfg.channels_last, cfg.batch_size)
     for step in range(max(2, cfg.num_workers)):  # every worker has started and delivered once; compiled
@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device_decode", default="workers", help="device path decoding: workers or nvjpeg")
     args, overrides = parser.parse_known_args(argv)  # any other `--key value`: a pretrain.py config override
 
-    from moco_hf.training import load_config
+    from pretrain import load_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []

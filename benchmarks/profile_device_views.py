@@ -28,9 +28,10 @@ def main() -> None:
     from accelerate import PartialState
     from bench_pipeline import make_jpeg_dataset
 
-    import pretrain
-    from moco_hf.training import TrainState, load_config
+    from moco_hf import pretraining
+    from moco_hf.training import TrainState
     from moco_hf.views import BatchStream, GPUViews
+    from pretrain import load_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,11 +40,11 @@ def main() -> None:
                                  "--batch_size", str(args.batch), "--num_workers", str(args.workers),
                                  "--crop_min_scale", "none", "--eval_split", "none", "--gpu_augment", "on",
                                  "--output_dir", os.path.join(tmp, "o"), "--queue_size", str(4 * args.batch)])
-        model = pretrain.build_model(cfg)
-        stats = pretrain.data_stats(model)
-        dataset, loader, _ = pretrain.build_train_loader(cfg, PartialState(), stats, gpu=True)
+        model = pretraining.build_model(cfg)
+        stats = pretraining.data_stats(model)
+        dataset, loader, _ = pretraining.build_train_loader(cfg, PartialState(), stats, gpu=True)
         views = GPUViews(BatchStream(dataset, loader, TrainState()), device,
-                                  pretrain.make_gpu_augment(cfg, stats), 0, 0, args.batch)
+                                  pretraining.make_gpu_augment(cfg, stats), 0, 0, args.batch)
         for step in range(max(3, args.workers)):
             views.next(step)
         activities = [torch.profiler.ProfilerActivity.CPU]

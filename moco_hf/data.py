@@ -183,6 +183,22 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
 
 
+def image_name(value) -> str:
+    """How logs name an image of a dataset: its path where the dataset keeps one, else `sha1:` and the first 12 hex
+    digits of the SHA-1 of its bytes (stable across epochs, so a corrupt image is counted once)."""
+    import hashlib
+
+    if isinstance(value, dict):
+        if value.get("path"):
+            return str(value["path"])
+        value = value.get("bytes")
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "sha1:" + hashlib.sha1(bytes(value)).hexdigest()[:12]
+    return f"<{type(value).__name__}>"
+
+
 def decode_image(value) -> Image.Image | None:
     """RGB PIL image from a datasets image value (dict with bytes/path, PIL image, raw bytes or a path).
 
@@ -307,6 +323,37 @@ def find_label_column(features, requested: str | None) -> str | None:
     return None
 
 
+def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool):
+    """`datasets.load_dataset` of a Hub dataset, its failures as one ValueError for people: no network (and how to
+    run offline), a name that is not on the Hub (or gated), a split it does not have."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "") \
+        not in ("", "0")
+    try:
+        return load_dataset(name, config, split=split, streaming=streaming)
+    except ConnectionError as err:
+        why = "HF_HUB_OFFLINE is set and there is no cached copy" if offline else f"no network ({_first_line(err)})"
+        raise ValueError(
+            f"cannot load Hub dataset {name!r}: {why}; to run offline, point train_dir at a local copy (image folder, "
+            "parquet or webdataset shards), or load the dataset once with network so that HF_HUB_OFFLINE=1 finds it "
+            "in the cache"
+        ) from None
+    except DatasetNotFoundError as err:
+        raise ValueError(f"Hub dataset {name!r} was not found or is gated ({_first_line(err)}): check the name, and "
+                         "for a gated dataset accept its terms on the Hub and log in with `hf auth login`") from None
+    except ValueError as err:
+        if _is_missing_split(err):
+            raise ValueError(f"split {split!r} not found in Hub dataset {name!r}: {_first_line(err)}") from None
+        raise
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _is_missing_split(err: ValueError) -> bool:
     message = str(err)
     return "Unknown split" in message or "Bad split" in message
@@ -346,10 +393,10 @@ def load_source(
     a Hub dataset streams directly.
     """
     from datasets import Image as ImageFeature
-    from datasets import IterableDataset, load_dataset
+    from datasets import IterableDataset
 
     if dataset_name:
-        ds = load_dataset(dataset_name, dataset_config, split=split, streaming=True)
+        ds = load_hub_dataset(dataset_name, dataset_config, split, streaming=True)
         info_splits = getattr(ds.info, "splits", None) or {}
         num_examples = info_splits[split].num_examples if split in info_splits else None
     else:
@@ -380,7 +427,8 @@ def load_source(
 
 
 class TwoViewStream(torch.utils.data.IterableDataset):
-    """Decodes, skips corrupt images (counting them) and yields (view_q, view_k, skipped_before) triples.
+    """Decodes, skips corrupt images and yields (view_q, view_k, names of the corrupt images skipped before it)
+    triples; corrupt images at the end of the stream come as (None, None, names).
 
     `hf_dataset` is this process's part of the stream (already split by node). The augmentation generator is
     seeded from (seed, epoch, rank, worker id), so an epoch replays identically.
@@ -399,21 +447,28 @@ class TwoViewStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank, worker)) & 0x7FFF_FFFF_FFFF)
-        skipped = 0
+        skipped = []
         for example in self.hf_dataset:
             image = decode_image(example[self.image_column])
             if image is None:
-                skipped += 1
+                skipped.append(image_name(example[self.image_column]))
                 continue
             view_q, view_k = self.transform(image, g)
             yield view_q, view_k, skipped
-            skipped = 0
+            skipped = []
+        if skipped:  # corrupt images at the very end: a sample without views carries their names
+            yield None, None, skipped
 
 
 def collate_two_views(samples):
-    """Stack a list of (view_q, view_k, skipped) into (N x 3 x S x S, N x 3 x S x S, skipped in this batch)."""
+    """Stack (view_q, view_k, skipped names) samples into (N x 3 x S x S, N x 3 x S x S, names of the corrupt images
+    skipped in this chunk); a chunk of only trailing corrupt images gives (None, None, names)."""
     views_q, views_k, skipped = zip(*samples)
-    return torch.stack(views_q), torch.stack(views_k), sum(skipped)
+    names = [name for names in skipped for name in names]
+    kept = [i for i, view in enumerate(views_q) if view is not None]
+    if not kept:
+        return None, None, names
+    return torch.stack([views_q[i] for i in kept]), torch.stack([views_k[i] for i in kept]), names
 
 
 def integer_labels(hf_dataset, label_column: str) -> bool:
@@ -483,7 +538,8 @@ class EncodedStream(torch.utils.data.IterableDataset):
     `decode=False`: workers only read bytes, and the training process decodes them with nvJPEG
     (`gpu_augment.decode_jpegs`). `decode=True`: each worker decodes with libjpeg-turbo (torchvision) into 3 x H x W
     uint8, which scales with the number of workers; the batch is then copied to the device and augmented there.
-    Unreadable or undecodable images are skipped and counted.
+    Unreadable or undecodable images are skipped and named. Samples are (image tensor, names of the unreadable
+    images skipped before it, the image's own name: for a decode that fails later, in the training process).
     """
 
     def __init__(self, hf_dataset, image_column: str, decode: bool = False, unshuffled=None):
@@ -510,20 +566,21 @@ class EncodedStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         from .gpu_augment import decode_jpegs
 
-        skipped = 0
+        skipped = []
         for example in self.hf_dataset:
-            data = read_bytes(example[self.image_column])
+            value = example[self.image_column]
+            data = read_bytes(value)
             tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None
             if tensor is not None and self.decode:
                 decoded = decode_jpegs([tensor], device="cpu").images
                 tensor = decoded[0] if decoded else None
             if tensor is None:
-                skipped += 1
+                skipped.append(image_name(value))
                 continue
-            yield tensor, skipped
-            skipped = 0
-        if skipped:  # unreadable images at the very end: an empty image carries their count
-            yield torch.empty((3, 0, 0) if self.decode else (0,), dtype=torch.uint8), skipped
+            yield tensor, skipped, image_name(value) if not self.decode else None
+            skipped = []
+        if skipped:  # unreadable images at the very end: an empty image carries their names
+            yield torch.empty((3, 0, 0) if self.decode else (0,), dtype=torch.uint8), skipped, None
 
 
 def _shared_flat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -537,26 +594,29 @@ def _shared_flat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def collate_encoded(samples):
-    """(image tensor, skipped) samples into (one flat uint8 tensor, shapes, skipped in this chunk).
+    """(image tensor, skipped names, name) samples into (one flat uint8 tensor, shapes, names of the images skipped in
+    this chunk, names of its encoded images or None).
 
     Encoded bytes give shapes N (lengths). Decoded 3 x H x W images give shapes N x 2 (H, W) and their pixels in
     H x W x 3 order, one image after the other: the order the JPEG decoder writes (torchvision's 3 x H x W result is
     a view of it), so nothing is transposed here, and the device turns a whole batch into channel planes at once
     (`ImageChunk`). Two tensors per chunk instead of one per image: every tensor leaving a worker costs a
     shared-memory file and every pinned one a page-locked allocation, which dominated the batched path when done
-    per image.
+    per image. Encoded images keep their names, so that one the training process cannot decode is named too.
     """
-    data, skipped = zip(*samples)
+    data, skipped, names = zip(*samples)
+    skipped = [name for chunk in skipped for name in chunk]
     encoded = data[0].dim() == 1
-    data = [d for d in data if d.numel()]  # an empty image only carries the count of trailing unreadable ones
+    kept = [i for i, d in enumerate(data) if d.numel()]  # an empty image only carries trailing unreadable ones
+    data = [data[i] for i in kept]
     if not data:
         shapes = torch.empty((0,) if encoded else (0, 2), dtype=torch.long)
-        return torch.empty(0, dtype=torch.uint8), shapes, sum(skipped)
+        return torch.empty(0, dtype=torch.uint8), shapes, skipped, [] if encoded else None
     if encoded:
         shapes = torch.tensor([d.numel() for d in data], dtype=torch.long)
-        return _shared_flat(list(data)), shapes, sum(skipped)
+        return _shared_flat(list(data)), shapes, skipped, [names[i] for i in kept]
     shapes = torch.tensor([list(d.shape[1:]) for d in data], dtype=torch.long)  # N x 2
-    return _shared_flat([d.permute(1, 2, 0).reshape(-1) for d in data]), shapes, sum(skipped)
+    return _shared_flat([d.permute(1, 2, 0).reshape(-1) for d in data]), shapes, skipped, None
 
 
 def split_encoded(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
@@ -579,20 +639,21 @@ class ImageChunk(NamedTuple):
         return self.sizes.shape[0]
 
     @classmethod
-    def from_chunk(cls, chunk, device, decoder: ThreadDecoder | None = None) -> tuple[ImageChunk, int]:
-        """(images, skipped) of one `collate_encoded` chunk: decoded by the workers (one copy of the whole chunk to
-        the device), or encoded bytes decoded here: by `decoder`'s threads, else nvJPEG on CUDA
-        (`gpu_augment.decode_jpegs`)."""
+    def from_chunk(cls, chunk, device, decoder: ThreadDecoder | None = None) -> tuple[ImageChunk, list[str]]:
+        """(images, names of the corrupt images skipped) of one `collate_encoded` chunk: decoded by the workers (one
+        copy of the whole chunk to the device), or encoded bytes decoded here: by `decoder`'s threads, else nvJPEG
+        on CUDA (`gpu_augment.decode_jpegs`)."""
         from .gpu_augment import decode_jpegs
 
-        flat, shapes, skipped = chunk
+        flat, shapes, skipped, names = chunk
         if shapes.dim() == 2:
-            return cls(flat.to(device, non_blocking=True).view(-1, 3), shapes), skipped
+            return cls(flat.to(device, non_blocking=True).view(-1, 3), shapes), list(skipped)
         if decoder is not None:
-            images, unreadable = decoder.decode(split_encoded(flat, shapes), device)
-            return images, skipped + unreadable
+            images, failed = decoder.decode(split_encoded(flat, shapes), device)
+            return images, list(skipped) + [names[i] for i in failed]
         decoded = decode_jpegs(split_encoded(flat, shapes), device=device)
-        skipped += decoded.num_failed
+        kept = set(decoded.kept)
+        skipped = list(skipped) + [name for i, name in enumerate(names) if i not in kept]
         if not decoded.images:
             empty = cls(torch.empty(0, 3, dtype=torch.uint8, device=device), torch.empty(0, 2, dtype=torch.long))
             return empty, skipped
@@ -655,11 +716,12 @@ class ThreadDecoder:
         image = decode_rgb(data)
         return image.permute(1, 2, 0).contiguous() if image is not None else None  # decoders' H x W x 3: no copy
 
-    def decode(self, data: list[torch.Tensor], device) -> tuple[ImageChunk, int]:
-        """(the readable images of `data` on `device`, how many were not)."""
+    def decode(self, data: list[torch.Tensor], device) -> tuple[ImageChunk, list[int]]:
+        """(the readable images of `data` on `device`, the indices in `data` of those that were not)."""
         device = torch.device(device)
-        images = [image for image in self.pool.map(self._decode_one, data) if image is not None]
-        skipped = len(data) - len(images)
+        decoded = list(self.pool.map(self._decode_one, data))
+        skipped = [i for i, image in enumerate(decoded) if image is None]
+        images = [image for image in decoded if image is not None]
         if not images:
             return ImageChunk(torch.empty(0, 3, dtype=torch.uint8, device=device),
                               torch.empty(0, 2, dtype=torch.long)), skipped
@@ -684,8 +746,12 @@ class DeviceImageCache:
     `MoCoGPUAugment.two_views`.
     """
 
-    def __init__(self, images, num_skipped: int):
-        self.images, self.num_skipped = images, num_skipped  # PackedImages; unreadable images left out
+    def __init__(self, images, skipped: list[str]):
+        self.images, self.skipped = images, skipped  # PackedImages; the names of the unreadable images left out
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -702,13 +768,13 @@ class DeviceImageCache:
 
     @classmethod
     def build(cls, chunks, max_bytes: int, expected_images: int | None = None) -> DeviceImageCache | None:
-        """Join (ImageChunk, skipped) pairs into one cache in the chunks' device memory (peak: twice the cache).
+        """Join (ImageChunk, skipped names) pairs into one cache in the chunks' device memory (peak: twice the cache).
 
         Returns None as soon as the images so far exceed `max_bytes`; with `expected_images`, also once a sample
         of at least 1,000 images (or 5 % of the split) says that their mean size times `expected_images` is over
         1.5 x `max_bytes` (an early way out for large splits; the first images need not be typical).
         """
-        planes, sizes, skipped, total, count = [], [], 0, 0, 0
+        planes, sizes, skipped, total, count = [], [], [], 0, 0
         for chunk, unreadable in chunks:
             skipped += unreadable
             if not len(chunk):
@@ -845,17 +911,12 @@ def load_labeled_split(
     indices in sorted order. Pass the train split's `label_names` for the eval split so both use the same indices.
     `max_samples` keeps a random subset (seeded) of that many examples.
     """
-    from datasets import ClassLabel, load_dataset
+    from datasets import ClassLabel
     from datasets import Image as ImageFeature
 
     source = dataset_name or train_dir or "the embedded digits"
     if dataset_name:
-        try:
-            ds = load_dataset(dataset_name, dataset_config, split=split)
-        except ValueError as err:
-            if _is_missing_split(err):
-                raise ValueError(f"split {split!r} not found in {source}: {err}") from err
-            raise
+        ds = load_hub_dataset(dataset_name, dataset_config, split, streaming=False)
     else:
         ds, _ = _load_local(split, train_dir, demo_image_size)
         if not hasattr(ds, "__len__"):

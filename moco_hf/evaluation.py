@@ -4,7 +4,7 @@
 - the linear classification protocol of MoCo (official `main_lincls.py`): a linear classifier trained on the
   pooled features of the frozen backbone, kept in eval mode, with SGD lr 30, momentum 0.9, no weight decay,
   100 epochs, lr / 10 at epochs 60 and 80; RandomResizedCrop + flip for training, Resize 256 / CenterCrop 224 for
-  evaluation: `LinearEvalConfig`, `run_linear_eval`, `linear_evaluation`;
+  evaluation: `run_linear_eval`, `linear_evaluation` (their config: `linear_eval.LinearEvalConfig`);
 - the preprocessing a checkpoint was trained with (`preprocessing_for`); `record_metrics` merges results into a model
   folder's metrics.json (read by the model card: `linear_top1`). The labelled data both linear evaluation and
   fine-tuning use (`load_labeled_split`, transforms, a collator that skips corrupt images) lives in `data.py`.
@@ -189,72 +189,6 @@ def preprocessing_for(model_dir: str | os.PathLike, image_size: int | None = Non
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LinearEvalConfig:
-    """Linear classification protocol; the defaults are MoCo's ImageNet ResNet-50 ones (official main_lincls.py).
-
-    MoCo v1, Sec. 4.1: "we freeze the features and train a supervised linear classifier (a fully-connected layer
-    followed by softmax). We train this classifier on the global average pooling features of a ResNet, for 100
-    epochs. [...] we perform a grid search and find the optimal initial learning rate is 30 and weight decay is 0".
-    Published: 60.6 % (v1, 200 epochs), 67.5 % (v2, 200 epochs), 71.1 % (v2, 800 epochs) ImageNet top-1.
-
-    Args:
-        epochs (`int`, defaults to 100): training epochs of the classifier.
-        lr (`float`, defaults to 30.0): initial SGD learning rate (ResNet; ViTs need far smaller values).
-        schedule (`tuple[int, ...]`, defaults to (60, 80)): epochs at which the learning rate is divided by 10.
-        momentum (`float`, defaults to 0.9): SGD momentum.
-        weight_decay (`float`, defaults to 0.0): SGD weight decay.
-        batch_size (`int`, defaults to 256): images per step (single process).
-        image_size (`int`, *optional*): crop size; defaults to the size the checkpoint was trained with.
-        crop_pct (`float`, defaults to 0.875): eval transform: shorter side to image_size / crop_pct, center crop
-            image_size (Resize 256 / CenterCrop 224 at 224 px).
-        crop_min_scale (`float`, defaults to 0.08): train RandomResizedCrop minimum area fraction.
-        cached_features (`bool`, defaults to False): extract center-crop features of the train split once and train
-            the classifier on them without augmentation (fast; not the paper protocol).
-        num_workers (`int`, defaults to 4): DataLoader worker processes.
-        seed (`int`, defaults to 0): classifier initialisation, shuffling and augmentation.
-        max_train_samples / max_eval_samples (`int`, *optional*): evaluate on a random subset.
-        mixed_precision (`str`, defaults to "no"): "bf16" runs the frozen backbone under bf16 autocast.
-    """
-
-    epochs: int = 100
-    lr: float = 30.0
-    schedule: tuple[int, ...] = (60, 80)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    image_size: int | None = None
-    crop_pct: float = 0.875
-    crop_min_scale: float = 0.08
-    cached_features: bool = False
-    num_workers: int = 4
-    seed: int = 0
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    mixed_precision: str = "no"
-
-    def __post_init__(self):
-        self.schedule = tuple(int(m) for m in self.schedule)
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0 (the paper uses 30 for ResNets), got {self.lr!r}")
-        if list(self.schedule) != sorted(self.schedule) or any(m < 1 for m in self.schedule):
-            raise ValueError(f"schedule must be increasing epochs >= 1 (e.g. 60,80), got {self.schedule}")
-        if not 0.0 <= self.momentum < 1.0 or self.weight_decay < 0:
-            raise ValueError(f"momentum must be in [0, 1) and weight_decay >= 0, got {self.momentum}, "
-                             f"{self.weight_decay}")
-        if not 0.0 < self.crop_pct <= 1.0 or not 0.0 < self.crop_min_scale <= 1.0:
-            raise ValueError(f"crop_pct and crop_min_scale must be in (0, 1], got {self.crop_pct}, "
-                             f"{self.crop_min_scale}")
-        if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"image_size must be a positive integer, got {self.image_size}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
-
-
 def linear_lr(epoch: int, base_lr: float, schedule: tuple[int, ...]) -> float:
     """Step schedule of the official linear classification: base_lr / 10 at every milestone epoch reached."""
     return base_lr * 0.1 ** sum(epoch >= milestone for milestone in schedule)
@@ -322,7 +256,7 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 
 
 def run_linear_eval(model, train: LabeledSplit, evaluation: LabeledSplit, preprocessing: Preprocessing,
-                    cfg: LinearEvalConfig, device: torch.device | None = None, log=print) -> dict:
+                    cfg, device: torch.device | None = None, log=print) -> dict:
     """Train `model.classifier` on the frozen backbone's pooled features of `train`, evaluate on `evaluation`.
 
     `model` is a `MoCoForImageClassification` with `freeze_backbone=True` (its backbone gets no gradient and stays in
@@ -436,7 +370,7 @@ def run_linear_eval(model, train: LabeledSplit, evaluation: LabeledSplit, prepro
 
 def linear_evaluation(
     model_dir: str | os.PathLike,
-    cfg: LinearEvalConfig | None = None,
+    cfg,
     *,
     dataset_name: str | None = None,
     dataset_config: str | None = None,
@@ -446,6 +380,7 @@ def linear_evaluation(
     image_column: str | None = None,
     label_column: str | None = None,
     output_dir: str | os.PathLike | None = None,
+    overwrite_output_dir: bool = False,
     record: bool = True,
     device: torch.device | None = None,
     log=print,
@@ -453,8 +388,12 @@ def linear_evaluation(
     """Linear evaluation of the MoCo model in `model_dir` (`run_linear_eval` on the given data; the embedded digits
     when no dataset is given). With `record`, the metrics are merged into model_dir/metrics.json (the model card
     shows `linear_top1`); with `output_dir`, the trained classifier is saved there (save_pretrained, image processor,
-    metrics.json)."""
-    cfg = cfg or LinearEvalConfig()
+    metrics.json). An `output_dir` that holds a saved model is refused (ValueError) unless `overwrite_output_dir`,
+    and is replaced only once the evaluation has finished."""
+    from .run_folder import MODEL_FILES, check_model_output_dir, clear_run, share_files
+
+    if output_dir:
+        check_model_output_dir(str(output_dir), overwrite_output_dir)
     torch.manual_seed(cfg.seed)
     preprocessing = preprocessing_for(model_dir, cfg.image_size)
     common = dict(dataset_name=dataset_name, dataset_config=dataset_config, train_dir=train_dir,
@@ -479,7 +418,10 @@ def linear_evaluation(
     if output_dir:
         from .hub import save_image_processor
 
+        if overwrite_output_dir:
+            clear_run(str(output_dir), MODEL_FILES + ("preprocessor_config.json",))
         model.save_pretrained(output_dir)
         save_image_processor(model, output_dir, preprocessing.data_config(crop_pct=cfg.crop_pct))
         record_metrics(output_dir, metrics)
+        share_files(output_dir)
     return metrics

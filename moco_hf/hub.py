@@ -50,6 +50,7 @@ from . import __version__
 from .backbones import SMALL_IMAGE_RESNETS
 from .configuration_moco import MoCoConfig
 from .modeling_moco import MoCoForImageClassification, MoCoModel
+from .run_folder import share_files
 
 BACKBONE_SUBFOLDER = "backbone"
 BACKBONE_REPO_SUFFIX = "-timm"
@@ -573,8 +574,9 @@ def stage(
     the relative paths of its files. `staging_dir` must be new or empty.
 
     Tokens never reach the staged files: recorded values are scrubbed (`read_run_records`), and if a staged file
-    still holds `token`, this machine's token or anything shaped like one, the staging directory is removed and
-    `HubError` names the files (not the token)."""
+    still holds `token`, this machine's token or anything shaped like one, nothing is staged and `HubError` names
+    the files (not the token). The files are built in a temporary folder beside `staging_dir` and renamed into place
+    when complete, so a failing call leaves nothing behind."""
     _check_repo_id(repo_id)
     backbone_repo_id = backbone_repo_id or f"{repo_id}{BACKBONE_REPO_SUFFIX}"
     _check_repo_id(backbone_repo_id, "backbone_repo_id")
@@ -587,20 +589,24 @@ def stage(
         image_processor_from_data_config(data_config)
     except ValueError as e:
         raise HubError(f"no eval preprocessing for backbone {model.config.backbone!r}: {e}") from e
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        files = _build_staging(model, model_dir, building, repo_id, backbone_repo_id, data_config, license, datasets,
+                               token)
+        if out.exists():
+            out.rmdir()  # new or empty, checked above
+        os.replace(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return files
 
-    model.save_pretrained(out, safe_serialization=True)
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
-    config.setdefault("auto_map", {}).update(
-        {
-            "AutoConfig": "configuration_moco.MoCoConfig",
-            "AutoModel": "modeling_moco.MoCoModel",
-            "AutoModelForImageClassification": "modeling_moco.MoCoForImageClassification",
-        }
-    )
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    # copied by save_pretrained (register_for_auto_class) with the relative imports they need
+
+def _build_staging(model, model_dir, out: Path, repo_id: str, backbone_repo_id: str, data_config: dict,
+                   license: str, datasets: list[str] | None, token: str | None) -> list[str]:
+    """The staged files of `stage`, written into `out`."""
+    model.save_pretrained(out, safe_serialization=True)  # config.json with the complete auto_map (the model classes)
+    # copied by save_pretrained (the classes' _auto_class) with the relative imports they need
     for name in ("configuration_moco.py", "modeling_moco.py", "backbones.py"):
         if not (out / name).is_file():
             shutil.copy(Path(__file__).with_name(name), out / name)
@@ -615,9 +621,9 @@ def stage(
     backbone_dir = export_timm_backbone(model, out / BACKBONE_SUBFOLDER, data_config=data_config, license=license)
     build_backbone_card(repo_id, backbone_repo_id, model.config, license=license).save(backbone_dir / "README.md")
     leaked = _files_with_secrets(out, known_secrets(token))
-    if leaked:  # e.g. a token in the model config: never leave it in a file, never upload it
-        shutil.rmtree(out)
+    if leaked:  # e.g. a token in the model config: never leave it in a file, never upload it (`stage` removes `out`)
         raise HubError(f"a Hugging Face token appears in {', '.join(leaked)}; remove it from {model_dir}")
+    share_files(out)  # safetensors writes 0600: the staged folder is for others to read
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
 
 

@@ -6,7 +6,7 @@
 - `CachedViews`: the whole split decoded once into device memory (`DeviceImageCache`), permuted every epoch and
   augmented on the device.
 
-Each returns (query view, key view, corrupt images skipped) and keeps its place in the data in `TrainState`
+Each returns (query view, key view, names of the corrupt images skipped) and keeps its place in the data in `TrainState`
 (`data_epoch`, `batches_in_epoch`, counted in units of `position_unit` images), so a checkpoint resumes the data
 where it stopped.
 """
@@ -68,8 +68,10 @@ def join_chunks(chunks: list) -> tuple:
     """One `collate_encoded` chunk out of several of the same kind."""
     if len(chunks) == 1:
         return chunks[0]
-    flats, shapes, skipped = zip(*chunks)
-    return torch.cat(flats), torch.cat(shapes), sum(skipped)
+    flats, shapes, skipped, names = zip(*chunks)
+    skipped = [name for chunk in skipped for name in chunk]
+    names = None if names[0] is None else [name for chunk in names for name in chunk]
+    return torch.cat(flats), torch.cat(shapes), skipped, names
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -93,10 +95,14 @@ class ViewPairs(NamedTuple):
         return self.query.shape[0]
 
     @classmethod
-    def from_chunks(cls, chunks: list) -> tuple[ViewPairs, int]:
-        """(the views, corrupt images skipped) of `collate_two_views` chunks."""
+    def from_chunks(cls, chunks: list) -> tuple[ViewPairs, list[str]]:
+        """(the views, names of the corrupt images skipped) of `collate_two_views` chunks."""
         views_q, views_k, skipped = zip(*chunks)
-        return cls(torch.cat(views_q), torch.cat(views_k)), sum(skipped)
+        skipped = [name for names in skipped for name in names]
+        views_q, views_k = [v for v in views_q if v is not None], [v for v in views_k if v is not None]
+        if not views_q:  # only trailing corrupt images
+            return cls(torch.empty(0), torch.empty(0)), skipped
+        return cls(torch.cat(views_q), torch.cat(views_k)), skipped
 
     @staticmethod
     def join(chunks: list[ViewPairs]) -> ViewPairs:
@@ -127,7 +133,7 @@ class _StreamedViews:
         self.pending_carry: tuple[int, int, int] | None = None  # (images, epoch, chunks) to read again after a resume
 
     def _load(self, chunks: list) -> tuple:
-        """(images, unreadable count) of raw loader chunks."""
+        """(images, names of the unreadable ones) of raw loader chunks."""
         raise NotImplementedError
 
     def _join(self, images: list):
@@ -171,10 +177,10 @@ class _StreamedViews:
         """(the next `batch` images, corrupt images skipped while reading them)."""
         if self.pending_carry is not None:
             self.carry, self.pending_carry = self._replay_carry(*self.pending_carry), None
-        chunks, skipped = self.carry, 0
+        chunks, skipped = self.carry, []
         while (have := sum(len(c) for c in chunks)) < self.batch:
             chunk, unreadable = self._read(self._chunks_to_read(self.batch - have))
-            chunks, skipped = chunks + [chunk], skipped + unreadable
+            chunks, skipped = chunks + ([chunk] if len(chunk) else []), skipped + unreadable
         images, rest = self._join(chunks).split(self.batch)
         self.carry = [rest] if len(rest) else []
         return images, skipped
@@ -266,4 +272,4 @@ class CachedViews(_WholeBatches):
         self.state.batches_in_epoch += 1
         self.generator.manual_seed(step_seed(self.seed, self.rank, step))
         view_q, view_k = self.augment.two_views(images, generator=self.generator)
-        return view_q, view_k, 0
+        return view_q, view_k, []

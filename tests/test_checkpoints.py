@@ -1,4 +1,4 @@
-"""Checkpoint folders (`moco_hf.training.save_checkpoint`): which one `auto` resumes, what pruning keeps, and what
+"""Checkpoint folders (`moco_hf.run_folder.save_checkpoint`): which one `auto` resumes, what pruning keeps, and what
 a crash or power loss can leave behind."""
 
 import json
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from moco_hf import training
-from moco_hf.training import list_checkpoints, resolve_resume, save_checkpoint
+from moco_hf import run_folder
+from moco_hf.run_folder import list_checkpoints, resolve_resume, save_checkpoint
 
 
 class FakeAccelerator:
@@ -58,7 +58,7 @@ def test_checkpoints_from_before_the_save_order_sort_first(tmp_path):
     save_checkpoint(FakeAccelerator("new"), str(tmp_path), 5, total_limit=5)
     legacy = tmp_path / "checkpoints" / "checkpoint-00000009"
     legacy.mkdir()
-    (legacy / training.COMPLETE_MARKER).write_text(json.dumps({"step": 9}))  # the marker's older format
+    (legacy / run_folder.COMPLETE_MARKER).write_text(json.dumps({"step": 9}))  # the marker's older format
     assert steps(tmp_path) == [9, 5]
     save_checkpoint(FakeAccelerator("new"), str(tmp_path), 6, total_limit=5)
     assert steps(tmp_path) == [9, 5, 6]
@@ -86,11 +86,11 @@ def test_every_file_is_on_disk_before_the_marker_and_the_rename(tmp_path, monkey
         events.append(("replace", str(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(training.os, "fsync", fsync)
-    monkeypatch.setattr(training.os, "replace", replace)
+    monkeypatch.setattr(run_folder.os, "fsync", fsync)
+    monkeypatch.setattr(run_folder.os, "replace", replace)
     final = save_checkpoint(FakeAccelerator("run"), str(tmp_path), 7, total_limit=3)
     synced = [os.path.basename(path) for kind, path in events if kind == "fsync"]
-    marker = synced.index(training.COMPLETE_MARKER)
+    marker = synced.index(run_folder.COMPLETE_MARKER)
     assert {"model.safetensors", "optimizer.bin"} <= set(synced[:marker])  # data first, then the marker
     rename = events.index(("replace", final))
     assert ("fsync", str(tmp_path / "checkpoints" / ".tmp-checkpoint-00000007")) in events[:rename]

@@ -14,7 +14,7 @@ sys.path.insert(0, ROOT)
 import linear_eval  # noqa: E402
 import moco_hf  # noqa: E402
 from moco_hf import evaluation, hub  # noqa: E402
-from moco_hf.evaluation import LinearEvalConfig  # noqa: E402
+from linear_eval import LinearEvalConfig  # noqa: E402
 
 # Cached features: paper optimiser and schedule (lr 30, /10 at 60 and 80) over 100 cheap epochs on a digits subset.
 FAST = dict(image_size=32, num_workers=0, batch_size=128, max_train_samples=500, max_eval_samples=200)

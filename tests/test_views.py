@@ -41,32 +41,32 @@ def _png(value):
 
 
 def _samples(encoded: bool, count=30):
-    """Images 1..count; every 4th is unreadable. Decoded by the workers, an unreadable image is only a count (here
-    an empty image, as at the end of a worker's stream), so the chunk holding it is short; as bytes, the decoder
-    finds out."""
+    """Images 1..count; every 4th is unreadable. Decoded by the workers, an unreadable image is only a name (here
+    with an empty image, as at the end of a worker's stream), so the chunk holding it is short; as bytes, the decoder
+    finds out. Samples are (image, names skipped before it, its own name), as `EncodedStream` yields them."""
     samples = []
     for i in range(1, count + 1):
         if i % 4 == 0:
-            samples.append((torch.tensor([0, 1, 2], dtype=torch.uint8), 0) if encoded
-                           else (torch.empty(3, 0, 0, dtype=torch.uint8), 1))
+            samples.append((torch.tensor([0, 1, 2], dtype=torch.uint8), [], f"{i}.png") if encoded
+                           else (torch.empty(3, 0, 0, dtype=torch.uint8), [f"{i}.png"], None))
         elif encoded:
-            samples.append((_png(i), 0))
+            samples.append((_png(i), [], f"{i}.png"))
         else:
-            samples.append((torch.full((3, 2 + i % 3, 3 + i % 4), i, dtype=torch.uint8), 0))
+            samples.append((torch.full((3, 2 + i % 3, 3 + i % 4), i, dtype=torch.uint8), [], None))
     return samples
 
 
 def _cpu_samples(count=30):
-    """(view_q, view_k, unreadable before it) as the CPU workers' stream yields them: images 1..count filled with
-    their number, every 4th unreadable (only counted, with the next readable image)."""
-    samples, skipped = [], 0
+    """(view_q, view_k, names of the unreadable images before it) as the CPU workers' stream yields them: images
+    1..count filled with their number, every 4th unreadable (only named, with the next readable image)."""
+    samples, skipped = [], []
     for i in range(1, count + 1):
         if i % 4 == 0:
-            skipped += 1
+            skipped.append(f"{i}.png")
             continue
         view = torch.full((3, 2, 2), float(i))
         samples.append((view, -view, skipped))
-        skipped = 0
+        skipped = []
     return samples
 
 
