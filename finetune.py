@@ -139,7 +139,7 @@ def training_arguments(**overrides) -> TrainingArguments:
 
 def build_datasets(args: FinetuneArguments, preprocessing):
     """(train, eval) `LabeledSplit`s, map-style with undecoded images, sharing the train split's class indices."""
-    from moco_hf.data import load_labeled_split
+    from moco_hf.data.labeled import load_labeled_split
 
     common = dict(dataset_name=args.dataset_name, dataset_config=args.dataset_config, train_dir=args.train_dir,
                   image_column=args.image_column, label_column=args.label_column,
@@ -160,7 +160,7 @@ def resolve_augmentation(args: FinetuneArguments) -> dict:
 
 def build_transforms(args: FinetuneArguments, preprocessing):
     """(train, eval) image transforms: RandomResizedCrop + flip + normalise; resize + center crop + normalise."""
-    from moco_hf.data import EvalTransform, TrainTransform
+    from moco_hf.data.transforms import EvalTransform, TrainTransform
 
     size, mean, std = preprocessing.image_size, preprocessing.mean, preprocessing.std
     augmentation = resolve_augmentation(args)
@@ -176,7 +176,7 @@ def load_model(model_dir: str, label_names: list[str], freeze_backbone: bool = F
     for a timm-format folder."""
     from transformers import AutoModelForImageClassification
 
-    from moco_hf.evaluation import is_timm_folder, read_model_config
+    from moco_hf.preprocessing import is_timm_folder, read_model_config
     from moco_hf.modeling_moco import MoCoForImageClassification
 
     config = read_model_config(model_dir)
@@ -222,8 +222,8 @@ def run(args: FinetuneArguments, training_args: TrainingArguments, callbacks: li
     from transformers import Trainer
 
     import moco_hf  # noqa: F401  (registers MoCo with the Auto classes and the small-image ResNets with timm)
-    from moco_hf.data import ClassificationCollator
-    from moco_hf.evaluation import preprocessing_for
+    from moco_hf.data.labeled import ClassificationCollator
+    from moco_hf.preprocessing import preprocessing_for
     from moco_hf.run_folder import check_model_output_dir, clear_run
 
     if training_args.hub_token:
@@ -319,7 +319,7 @@ def save(trainer, out: str, args: FinetuneArguments, training_args: TrainingArgu
     """save_pretrained + eval transform (preprocessor_config.json; for TimmWrapper, config.json's pretrained_cfg) +
     metrics.json + training_config.json in `out`, readable by others as the umask says."""
     from moco_hf.evaluation import record_metrics
-    from moco_hf.hub import save_image_processor
+    from moco_hf.preprocessing import save_image_processor
     from moco_hf.run_folder import share_files
 
     model = trainer.model

@@ -37,9 +37,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # another machine, say), not what is learned. A checkpoint whose config.yaml differs in any other key is refused.
 RESUMABLE_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "stop_after_steps", "log_steps", "save_steps",
                   "save_total_limit", "report_to", "profile_steps", "mixed_precision", "compile", "compile_mode",
-                  "channels_last", "cudnn_benchmark", "num_workers", "gpu_augment", "device_decode", "decode_threads",
-                  "device_cache", "device_cache_gb", "knn_every_epochs", "knn_max_train_samples",
-                  "knn_max_eval_samples")
+                  "channels_last", "gradient_checkpointing", "cudnn_benchmark", "num_workers", "gpu_augment",
+                  "device_decode", "decode_threads", "device_cache", "device_cache_gb", "knn_every_epochs",
+                  "knn_max_train_samples", "knn_max_eval_samples")
 
 
 def _key(default, help: str, group: str):
@@ -82,6 +82,8 @@ class PretrainConfig:
     compile_mode: str = _key("default", "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, "
                              "max-autotune-no-cudagraphs", RUN)
     channels_last: bool = _key(False, "channels-last memory format for images and weights", RUN)
+    gradient_checkpointing: bool = _key(False, "recompute the query encoder's activations in backward: less memory "
+                                        "(bigger batches on one GPU), about a third more compute", RUN)
     cudnn_benchmark: bool = _key(True, "let cuDNN time its convolution algorithms once (fixed shapes)", RUN)
 
     # data

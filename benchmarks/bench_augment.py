@@ -8,22 +8,24 @@ markdown row per mode: wall time per batch of two views (back to back, as in tra
     python benchmarks/bench_augment.py                         # CUDA: N 256, 500 x 375 -> 224, v2, bf16 channels_last
     python benchmarks/bench_augment.py --batch 16 --iters 3    # CPU (small sizes by default there: a sanity check)
     python benchmarks/bench_augment.py --baseline old_gpu_augment.py   # plus the eager path of another version:
-        git show HEAD:moco_hf/gpu_augment.py > old_gpu_augment.py
+        git show 1776c3b:moco_hf/gpu_augment.py > old_gpu_augment.py      # (one from before moco_hf/data/)
 
-gpu_augment.py is loaded from its file (it needs only torch and torchvision), so the benchmark runs without the
-rest of moco_hf's dependencies. No network; random pixels (the cost does not depend on the content).
+The baseline is loaded from its file (a standalone module, torch and torchvision only); the current version is
+`moco_hf.data.gpu_augment`. No network; random pixels (the cost does not depend on the content).
 """
 
 import argparse
 import functools
 import importlib.util
 import os
+import sys
 import time
 import warnings
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -137,7 +139,7 @@ def main() -> None:
     images = [
         torch.randint(0, 256, (3, args.height, args.width), dtype=torch.uint8, device=device) for _ in range(batch)
     ]
-    current = load_gpu_augment(os.path.join(ROOT, "moco_hf", "gpu_augment.py"), "gpu_augment_current")
+    current = importlib.import_module("moco_hf.data.gpu_augment")
     runs = [(mode, current, {"compile": mode == "compile"}) for mode in args.modes.split(",") if mode]
     if args.baseline:
         runs.insert(0, ("baseline eager", load_gpu_augment(args.baseline, "gpu_augment_baseline"), {}))
@@ -149,7 +151,6 @@ def main() -> None:
         f"{iters} timed calls after {args.warmup} warm-up"
     )
     rows, tables, outputs = [], [], {}
-    current = load_gpu_augment(os.path.join(ROOT, "moco_hf", "gpu_augment.py"), "gpu_augment_reference")
     reference = current.MoCoGPUAugment(args.preset, args.size, dtype=dtype, channels_last=args.channels_last)
     fixed = reference.sample(images, torch.Generator(device).manual_seed(1))  # the same parameters for every mode
     for mode, module, kwargs in runs:

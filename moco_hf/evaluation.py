@@ -5,9 +5,9 @@
   pooled features of the frozen backbone, kept in eval mode, with SGD lr 30, momentum 0.9, no weight decay,
   100 epochs, lr / 10 at epochs 60 and 80; RandomResizedCrop + flip for training, Resize 256 / CenterCrop 224 for
   evaluation: `run_linear_eval`, `linear_evaluation` (their config: `linear_eval.LinearEvalConfig`);
-- the preprocessing a checkpoint was trained with (`preprocessing_for`); `record_metrics` merges results into a model
-  folder's metrics.json (read by the model card: `linear_top1`). The labelled data both linear evaluation and
-  fine-tuning use (`load_labeled_split`, transforms, a collator that skips corrupt images) lives in `data.py`.
+- `record_metrics` merges results into a model folder's metrics.json (read by the model card: `linear_top1`).
+
+The preprocessing of a checkpoint comes from `preprocessing.py`, the labelled data from `data/labeled.py`.
 """
 
 from __future__ import annotations
@@ -16,19 +16,13 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .data import (  # noqa: F401  (re-exported: the labelled data used by linear evaluation and fine-tuning)
-    ClassificationCollator,
-    ExampleTransform,
-    LabeledSplit,
-    TrainTransform,
-    load_labeled_split,
-    make_loader,
-)
+from .data.labeled import ClassificationCollator, LabeledSplit, load_labeled_split, make_loader
+from .data.transforms import EvalTransform, TrainTransform
+from .preprocessing import Preprocessing, preprocessing_for
 
 
 @torch.no_grad()
@@ -101,87 +95,6 @@ def record_metrics(model_dir: str | os.PathLike, metrics: dict) -> dict:
         json.dump(existing, f, indent=2)
     os.replace(tmp, path)
     return existing
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Preprocessing of a checkpoint
-# ---------------------------------------------------------------------------------------------------------
-
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """The input pipeline a checkpoint expects: square image size, normalisation, eval crop fraction, interpolation."""
-
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_pct: float = 1.0
-    interpolation: str = "bilinear"
-
-    def data_config(self, crop_pct: float | None = None) -> dict:
-        """As a timm data config (e.g. for `moco_hf.hub.save_image_processor`), optionally with another crop_pct."""
-        return {
-            "input_size": (3, self.image_size, self.image_size),
-            "crop_pct": float(self.crop_pct if crop_pct is None else crop_pct),
-            "crop_mode": "center",
-            "interpolation": self.interpolation,
-            "mean": tuple(self.mean),
-            "std": tuple(self.std),
-        }
-
-
-def read_model_config(model_dir: str | os.PathLike) -> dict:
-    """config.json of a local model folder; FileNotFoundError / ValueError with the reason otherwise."""
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(
-            f"model_dir {str(model_dir)!r} is not a folder (download a Hub model first, e.g. with "
-            "huggingface_hub.snapshot_download)"
-        )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{str(model_dir)!r} has no config.json: not a folder written by save_pretrained")
-    with open(path) as f:
-        return json.load(f)
-
-
-def is_timm_folder(config: dict) -> bool:
-    """A timm-format model folder (`timm.models.save_for_hf`, `moco_hf.hub.export_timm_backbone`)."""
-    return "architecture" in config and "model_type" not in config
-
-
-def preprocessing_for(model_dir: str | os.PathLike, image_size: int | None = None) -> Preprocessing:
-    """The preprocessing that a MoCo or timm-format model folder was trained with.
-
-    MoCo folder: what the run recorded (training_config.json from pretrain.py: image_size, mean, std,
-    eval_crop_pct), else preprocessor_config.json (a staged or downloaded folder), else the backbone's timm
-    defaults. timm-format folder: its `pretrained_cfg`. `image_size` replaces the size, keeping the rest.
-    """
-    from . import hub
-    from .configuration_moco import MoCoConfig
-
-    config = read_model_config(model_dir)
-    if config.get("model_type") == MoCoConfig.model_type:
-        override = hub.default_data_config(model_dir)
-        if image_size:
-            override["input_size"] = (3, int(image_size), int(image_size))
-        data = hub.resolve_data_config(MoCoConfig.from_pretrained(model_dir), override)
-    elif is_timm_folder(config):
-        data = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear",
-                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), **(config.get("pretrained_cfg") or {})}
-        if image_size:
-            data["input_size"] = (3, int(image_size), int(image_size))
-    else:
-        raise ValueError(
-            f"{str(model_dir)!r} is neither a MoCo model (model_type 'moco') nor a timm-format folder (architecture)"
-        )
-    return Preprocessing(
-        image_size=int(data["input_size"][-1]),
-        mean=tuple(float(v) for v in data["mean"]),
-        std=tuple(float(v) for v in data["std"]),
-        crop_pct=float(data.get("crop_pct") or 1.0),
-        interpolation=data.get("interpolation") or "bilinear",
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,7 +184,6 @@ def run_linear_eval(model, train: LabeledSplit, evaluation: LabeledSplit, prepro
     snapshot = backbone_snapshot(model)
     autocast_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     size, mean, std = preprocessing.image_size, preprocessing.mean, preprocessing.std
-    from .data import EvalTransform
 
     # train and eval views resized alike, as the processor saved with the classifier says
     eval_transform = EvalTransform(size, mean, std, crop_pct=cfg.crop_pct, interpolation=preprocessing.interpolation)
@@ -416,7 +328,7 @@ def linear_evaluation(
     if record:
         record_metrics(model_dir, metrics)
     if output_dir:
-        from .hub import save_image_processor
+        from .preprocessing import save_image_processor
 
         if overwrite_output_dir:
             clear_run(str(output_dir), MODEL_FILES + ("preprocessor_config.json",))

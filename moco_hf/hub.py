@@ -27,46 +27,41 @@ and timm with `local-dir:` after `snapshot_download(..., allow_patterns="backbon
 """
 
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
-from transformers import BitImageProcessor
-from transformers.image_utils import PILImageResampling
 
 from . import __version__
 from .backbones import SMALL_IMAGE_RESNETS
 from .configuration_moco import MoCoConfig
 from .modeling_moco import MoCoForImageClassification, MoCoModel
+from .preprocessing import (
+    _backbone_of,
+    default_data_config,
+    flat_scalars,
+    image_processor_from_data_config,
+    resolve_data_config,
+    run_records,
+    save_image_processor,
+)
 from .run_folder import share_files
 
 BACKBONE_SUBFOLDER = "backbone"
 BACKBONE_REPO_SUFFIX = "-timm"
-RECORD_FILES = ("metrics.json", "training_config.json", "training_args.json")
 _WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
 )
 _SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "credential")
-_RESAMPLE = {
-    "nearest": PILImageResampling.NEAREST,
-    "bilinear": PILImageResampling.BILINEAR,
-    "bicubic": PILImageResampling.BICUBIC,
-    "lanczos": PILImageResampling.LANCZOS,
-    "box": PILImageResampling.BOX,
-    "hamming": PILImageResampling.HAMMING,
-}
 
 
 class HubError(Exception):
@@ -111,92 +106,6 @@ def _as_model(model_or_dir) -> nn.Module:
     return model_or_dir if isinstance(model_or_dir, nn.Module) else load_moco(model_or_dir)
 
 
-def _backbone_of(model_or_config) -> nn.Module:
-    """The timm backbone of a MoCo model, a timm model itself, or one built (on the meta device) from a config."""
-    if isinstance(model_or_config, MoCoConfig):
-        kwargs = dict(model_or_config.backbone_kwargs or {})
-        try:
-            with torch.device("meta"):  # only pretrained_cfg is needed: skip allocating the weights
-                return timm.create_model(model_or_config.backbone, pretrained=False, num_classes=0, **kwargs)
-        except (RuntimeError, NotImplementedError):
-            return timm.create_model(model_or_config.backbone, pretrained=False, num_classes=0, **kwargs)
-    if hasattr(model_or_config, "get_backbone"):
-        return model_or_config.get_backbone()
-    if isinstance(model_or_config, nn.Module) and hasattr(model_or_config, "pretrained_cfg"):
-        return model_or_config
-    raise TypeError(f"expected a MoCo model, a MoCoConfig or a timm model, got {type(model_or_config).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Image processor
-# ---------------------------------------------------------------------------------------------------------
-
-
-def resolve_data_config(model_or_config, data_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """timm's eval data config of the backbone, with `data_config` overriding input_size / img_size / crop_pct /
-    crop_mode / interpolation / mean / std (e.g. a 32 px CIFAR run).
-
-    `timm.data.resolve_input_data_config` is `timm.data.resolve_data_config({}, model=backbone)` that also
-    respects the size a fixed-size backbone was built with (a ViT created with `img_size=32` gets 32, not its
-    pretrained_cfg's 224) and refuses a requested size that such a model cannot take (ValueError).
-    """
-    return timm.data.resolve_input_data_config(_backbone_of(model_or_config), args=dict(data_config or {}))
-
-
-def image_processor_from_data_config(data_config: dict[str, Any]) -> BitImageProcessor:
-    """A transformers `BitImageProcessor` that performs timm's eval transform for `data_config`.
-
-    timm: Resize(shorter side -> floor(size / crop_pct)), CenterCrop(size), ToTensor, Normalize(mean, std).
-    BitImageProcessor: resize `shortest_edge`, center crop `crop_size`, rescale 1/255, normalise: the same steps.
-    Its PIL backend gives timm's output exactly except that transformers places an odd crop margin at
-    floor(margin / 2) and torchvision at round(margin / 2) (a one-pixel shift for some image sizes); its default
-    torchvision backend resizes a tensor with antialiasing, within 1-2 intensity levels of PIL.
-    """
-    _, height, width = data_config["input_size"]
-    crop_pct = data_config.get("crop_pct") or timm.data.DEFAULT_CROP_PCT
-    crop_mode = data_config.get("crop_mode") or "center"
-    scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
-    if crop_mode == "center" and scale[0] == scale[1]:
-        size = {"shortest_edge": scale[0]}
-    elif crop_mode in ("center", "squash"):
-        if crop_mode == "center":
-            warnings.warn(
-                f"non-square input size {(height, width)}: timm keeps the aspect ratio (ResizeKeepRatio), "
-                "the image processor resizes to the scaled size directly",
-                stacklevel=2,
-            )
-        size = {"height": scale[0], "width": scale[1]}
-    else:
-        raise ValueError(
-            f"crop_mode {crop_mode!r} has no transformers image processor equivalent; use 'center' or 'squash'"
-        )
-    interpolation = data_config.get("interpolation") or "bilinear"
-    if interpolation not in _RESAMPLE:
-        raise ValueError(f"interpolation {interpolation!r} is not one of {sorted(_RESAMPLE)}")
-    return BitImageProcessor(
-        do_resize=True,
-        size=size,
-        resample=_RESAMPLE[interpolation],
-        do_center_crop=True,
-        crop_size={"height": height, "width": width},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[float(v) for v in data_config["mean"]],
-        image_std=[float(v) for v in data_config["std"]],
-        do_convert_rgb=True,
-    )
-
-
-def save_image_processor(
-    model_or_config, out_dir: str | os.PathLike, data_config: dict[str, Any] | None = None
-) -> BitImageProcessor:
-    """Write `preprocessor_config.json` with the backbone's timm eval transform (see
-    `image_processor_from_data_config`), so `AutoImageProcessor.from_pretrained(out_dir)` and the
-    `image-feature-extraction` pipeline work without a user transform. Returns the processor."""
-    processor = image_processor_from_data_config(resolve_data_config(model_or_config, data_config))
-    processor.save_pretrained(out_dir)
-    return processor
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,26 +165,11 @@ def export_timm_backbone(
 
 
 def read_run_records(model_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """`metrics.json`, `training_config.json`, `training_args.json` of a run folder, where present.
-
-    A list of records (one per epoch) becomes its last record. Keys that look like secrets (hub_token, ...) are
-    dropped, so they can never reach the model card.
-    """
-    records = {}
-    for name in RECORD_FILES:
-        path = Path(model_dir) / name
-        if not path.is_file():
-            continue
-        try:
-            value = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            warnings.warn(f"ignoring {path}: not valid JSON", stacklevel=2)
-            continue
-        if isinstance(value, list):
-            value = next((v for v in reversed(value) if isinstance(v, dict)), {})
-        if isinstance(value, dict):
-            records[name] = _without_secrets(value, known_secrets())
-    return records
+    """`metrics.json`, `training_config.json`, `training_args.json` of a run folder, where present
+    (`preprocessing.run_records`), with the keys that look like secrets (hub_token, ...) dropped and tokens inside
+    strings redacted, so they can never reach the model card."""
+    secrets = known_secrets()
+    return {name: _without_secrets(value, secrets) for name, value in run_records(model_dir).items()}
 
 
 # A Hugging Face user access token: "hf_" and 34 letters or digits (older ones had other lengths).
@@ -316,17 +210,6 @@ def _files_with_secrets(folder: Path, secrets: list[str]) -> list[str]:
     return leaked
 
 
-def _flat_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat_scalars(value, prefix=f"{name}."))
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            out[name] = value
-        else:
-            out[name] = json.dumps(value)
-    return out
 
 
 def _find_metric(metrics: dict[str, Any], *needles: tuple[str, ...]) -> tuple[str, float] | None:
@@ -357,8 +240,8 @@ def build_model_card(
     records = read_run_records(model_dir)
     training = {}
     for name in ("training_config.json", "training_args.json"):
-        training.update(_flat_scalars(records.get(name, {})))
-    metrics = _flat_scalars(records.get("metrics.json", {}))
+        training.update(flat_scalars(records.get(name, {})))
+    metrics = flat_scalars(records.get("metrics.json", {}))
     if not datasets:
         names = ("dataset_name", "dataset", "data.dataset")
         found = next((training[k] for k in names if isinstance(training.get(k), str)), None)
@@ -399,7 +282,7 @@ def build_model_card(
     else:
         lines.append("No metrics were recorded with this checkpoint.")
     hidden = ("transformers_version", "architectures", "model_type", "dtype", "auto_map")
-    model_config = {k: v for k, v in _flat_scalars(config.to_diff_dict()).items() if k.split(".")[0] not in hidden}
+    model_config = {k: v for k, v in flat_scalars(config.to_diff_dict()).items() if k.split(".")[0] not in hidden}
     lines += ["", "## Model configuration", "", *_table(model_config)]
     if training:
         lines += ["", "## Training configuration", "", *_table(training)]
@@ -503,60 +386,8 @@ def _check_repo_id(repo_id: str, what: str = "repo_id") -> None:
         raise HubError(f"{what} {repo_id!r} must name its owner: USER/NAME or ORG/NAME")
 
 
-def processor_data_config(path: str | os.PathLike) -> dict[str, Any]:
-    """timm data-config overrides from a BitImageProcessor's preprocessor_config.json ({} where there is none)."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        proc = json.load(f)
-    out: dict[str, Any] = {}
-    crop, size = proc.get("crop_size") or {}, proc.get("size") or {}
-    if isinstance(crop, dict) and crop.get("height"):
-        out["input_size"] = (3, int(crop["height"]), int(crop.get("width", crop["height"])))
-        short = size.get("shortest_edge") or size.get("height") if isinstance(size, dict) else None
-        if short:
-            out["crop_pct"] = int(crop["height"]) / int(short)
-    if proc.get("image_mean") and proc.get("image_std"):
-        out["mean"], out["std"] = tuple(proc["image_mean"]), tuple(proc["image_std"])
-    names = {int(resample): name for name, resample in _RESAMPLE.items()}
-    if proc.get("resample") in names:
-        out["interpolation"] = names[proc["resample"]]
-    return out
 
 
-def default_data_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """Eval preprocessing recorded by the run, as a timm data-config override: `image_size`, `eval_crop_pct` or
-    `crop_pct`, `interpolation`, `mean`, `std` from `training_config.json` / `training_args.json`; where the
-    folder records none (a linear-evaluation output, a staged or downloaded model), its preprocessor_config.json.
-
-    A run that records its image size but no crop fraction gets crop_pct 1.0 (resize the shorter side to the size,
-    center crop): that is the transform of moco_hf's kNN monitor (pretrain.py), so the published processor matches
-    the kNN accuracy on the card. Mean / std not recorded come from the backbone's timm config, as in pretrain.py.
-    """
-    records = read_run_records(model_dir)
-    found: dict[str, Any] = {}
-    for name in ("training_config.json", "training_args.json"):
-        found.update(_flat_scalars(records.get(name, {})))
-        for key, value in records.get(name, {}).items():  # lists (mean, std) are kept as lists
-            if isinstance(value, (list, tuple)):
-                found[key] = value
-    out: dict[str, Any] = {}
-    for key in ("image_size", "img_size", "input_size", "data.image_size"):
-        size = found.get(key)
-        if isinstance(size, int) and not isinstance(size, bool):
-            out["input_size"] = (3, size, size)
-            out["crop_pct"] = 1.0
-            break
-    for key in ("eval_crop_pct", "crop_pct"):
-        if isinstance(found.get(key), (int, float)) and not isinstance(found[key], bool):
-            out["crop_pct"] = float(found[key])
-            break
-    if isinstance(found.get("interpolation"), str) and found["interpolation"] in _RESAMPLE:
-        out["interpolation"] = found["interpolation"]
-    for key in ("mean", "std"):
-        if isinstance(found.get(key), (list, tuple)) and len(found[key]) == 3:
-            out[key] = tuple(float(v) for v in found[key])
-    return out or processor_data_config(Path(model_dir) / "preprocessor_config.json")
 
 
 def stage(
@@ -728,16 +559,11 @@ __all__ = [
     "PushResult",
     "build_backbone_card",
     "build_model_card",
-    "default_data_config",
     "export_timm_backbone",
-    "image_processor_from_data_config",
     "known_secrets",
     "load_moco",
-    "processor_data_config",
     "push",
     "read_run_records",
-    "resolve_data_config",
     "resolve_token",
-    "save_image_processor",
     "stage",
 ]

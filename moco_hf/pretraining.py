@@ -27,28 +27,17 @@ from accelerate.utils import (
 from datasets.distributed import split_dataset_by_node
 
 from .configuration_moco import MoCoConfig
-from .data import (
-    DeviceImageCache,
-    EncodedStream,
-    EvalTransform,
-    ImageChunk,
-    LabeledStream,
-    ThreadDecoder,
-    TwoViewStream,
-    TwoViewTransform,
-    collate_encoded,
-    collate_two_views,
-    integer_labels,
-    label_index,
-    load_source,
-)
+from .data.decode import ThreadDecoder
+from .data.gpu_augment import MoCoGPUAugment
+from .data.sources import integer_labels, label_index, load_source
+from .data.streams import EncodedStream, LabeledStream, TwoViewStream, collate_encoded, collate_two_views
+from .data.transforms import EvalTransform, TwoViewTransform
 from .evaluation import extract_features, knn_accuracy, record_metrics
-from .gpu_augment import MoCoGPUAugment
-from .hub import default_data_config, save_image_processor
 from .modeling_moco import MoCoModel
+from .preprocessing import default_data_config, save_image_processor
 from .run_folder import check_output_dir, clear_run, save_checkpoint, share_files, write_run_config
 from .training import StepProfiler, TrainState, lr_at, uses_cuda_graphs
-from .views import BatchStream, CachedViews, CPUViews, GPUViews
+from .views import BatchStream, CachedViews, CPUViews, DeviceImageCache, GPUViews, ImageChunk
 
 logger = logging.getLogger("pretrain")
 SHOWN_NAMES = 5  # corrupt images named in a log line
@@ -89,6 +78,8 @@ def make_accelerator(cfg) -> Accelerator:
 def build_model(cfg) -> MoCoModel:
     model = MoCoModel(MoCoConfig(**cfg.model_kwargs()))
     check_image_size(model, cfg.image_size)
+    if cfg.gradient_checkpointing:  # the query encoder only: the keys need no backward
+        model.activation_checkpointing_enable()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

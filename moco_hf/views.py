@@ -6,6 +6,8 @@
 - `CachedViews`: the whole split decoded once into device memory (`DeviceImageCache`), permuted every epoch and
   augmented on the device.
 
+`ImageChunk` holds decoded images of any sizes on the device (a chunk of the stream, or the whole cache).
+
 Each returns (query view, key view, names of the corrupt images skipped) and keeps its place in the data in `TrainState`
 (`data_epoch`, `batches_in_epoch`, counted in units of `position_unit` images), so a checkpoint resumes the data
 where it stopped.
@@ -19,11 +21,131 @@ from typing import NamedTuple
 
 import torch
 
-from .data import DeviceImageCache, ImageChunk, ThreadDecoder
-from .gpu_augment import MoCoGPUAugment
+from .data.decode import ThreadDecoder, decode_jpegs
+from .data.gpu_augment import MoCoGPUAugment, PackedImages
+from .data.streams import split_encoded
 from .training import TrainState
 
 logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoded images on the device
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ImageChunk(NamedTuple):
+    """Decoded images of any sizes on the device, pixel after pixel: image n is the H_n * W_n rows of `pixels`
+    after those of images 0..n-1, in row-major order."""
+
+    pixels: torch.Tensor  # P x 3 uint8 (RGB per pixel), on the device
+    sizes: torch.Tensor  # N x 2 int64 (H, W), on the CPU
+
+    def __len__(self) -> int:
+        return self.sizes.shape[0]
+
+    @classmethod
+    def from_chunk(cls, chunk, device, decoder: ThreadDecoder | None = None) -> tuple[ImageChunk, list[str]]:
+        """(images, names of the corrupt images skipped) of one `collate_encoded` chunk: decoded by the workers (one
+        copy of the whole chunk to the device), or encoded bytes decoded here: by `decoder`'s threads, else nvJPEG
+        on CUDA (`gpu_augment.decode_jpegs`)."""
+        flat, shapes, skipped, names = chunk
+        if shapes.dim() == 2:
+            return cls(flat.to(device, non_blocking=True).view(-1, 3), shapes), list(skipped)
+        if decoder is not None:
+            pixels, sizes, failed = decoder.decode(split_encoded(flat, shapes), device)
+            return cls(pixels, sizes), list(skipped) + [names[i] for i in failed]
+        decoded = decode_jpegs(split_encoded(flat, shapes), device=device)
+        kept = set(decoded.kept)
+        skipped = list(skipped) + [name for i, name in enumerate(names) if i not in kept]
+        if not decoded.images:
+            empty = cls(torch.empty(0, 3, dtype=torch.uint8, device=device), torch.empty(0, 2, dtype=torch.long))
+            return empty, skipped
+        pixels = torch.cat([image.permute(1, 2, 0).reshape(-1, 3) for image in decoded.images])
+        return cls(pixels, torch.tensor([list(image.shape[1:]) for image in decoded.images])), skipped
+
+    @staticmethod
+    def join(chunks: list[ImageChunk]) -> ImageChunk:
+        if len(chunks) == 1:
+            return chunks[0]
+        return ImageChunk(torch.cat([c.pixels for c in chunks]), torch.cat([c.sizes for c in chunks]))
+
+    def split(self, count: int) -> tuple[ImageChunk, ImageChunk]:
+        """(the first `count` images, the rest)."""
+        cut = int((self.sizes[:count, 0] * self.sizes[:count, 1]).sum())
+        return (ImageChunk(self.pixels[:cut], self.sizes[:count]),
+                ImageChunk(self.pixels[cut:], self.sizes[count:]))
+
+    def packed(self):
+        """The images as `gpu_augment.PackedImages` (channel planes, one transpose of the whole chunk)."""
+        device = self.pixels.device
+        areas = self.sizes[:, 0] * self.sizes[:, 1]
+        meta = torch.stack([torch.cumsum(areas, 0) - areas, self.sizes[:, 0], self.sizes[:, 1]])  # 3 x N
+        if device.type == "cuda":  # a pinned, non-blocking copy does not wait for the GPU's queued work
+            meta = meta.pin_memory().to(device, non_blocking=True)
+        else:
+            meta = meta.to(device)
+        offsets, heights, widths = meta.unbind(0)
+        return PackedImages(self.pixels.t().contiguous(), offsets, heights, widths)  # no copy if built from planes
+
+
+class DeviceImageCache:
+    """A whole split decoded once into device memory, as one `PackedImages` (any image sizes), for training that
+    augments whole batches on the device: small datasets (CIFAR-10: 50,000 x 3 x 32 x 32 = 150 MB) then cost no
+    decoding, no host-to-device copy and no DataLoader after the first pass.
+
+    `batch(indices)` is a zero-copy view of those images (their offsets and sizes), ready for
+    `MoCoGPUAugment.two_views`.
+    """
+
+    def __init__(self, images, skipped: list[str]):
+        self.images, self.skipped = images, skipped  # PackedImages; the names of the unreadable images left out
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.pixels.numel() * self.images.pixels.element_size()
+
+    def batch(self, indices: torch.Tensor) -> PackedImages:
+        images = self.images
+        return PackedImages(images.pixels, images.offsets[indices], images.heights[indices], images.widths[indices])
+
+    @classmethod
+    def build(cls, chunks, max_bytes: int, expected_images: int | None = None) -> DeviceImageCache | None:
+        """Join (ImageChunk, skipped names) pairs into one cache in the chunks' device memory (peak: twice the cache).
+
+        Returns None as soon as the images so far exceed `max_bytes`; with `expected_images`, also once a sample
+        of at least 1,000 images (or 5 % of the split) says that their mean size times `expected_images` is over
+        1.5 x `max_bytes` (an early way out for large splits; the first images need not be typical).
+        """
+        planes, sizes, skipped, total, count = [], [], [], 0, 0
+        for chunk, unreadable in chunks:
+            skipped += unreadable
+            if not len(chunk):
+                continue
+            planes.append(chunk.pixels.t().contiguous())  # 3 x P_chunk
+            sizes.append(chunk.sizes)
+            total += chunk.pixels.numel()
+            count += len(chunk)
+            sampled = expected_images and count >= min(1000, 0.05 * expected_images)
+            if total > max_bytes or (sampled and total / count * expected_images > 1.5 * max_bytes):
+                return None
+        if not planes:
+            raise ValueError("the training split yields no images: it is empty or every image is unreadable")
+        pixels = torch.cat(planes, dim=1) if len(planes) > 1 else planes[0]
+        del planes
+        return cls(ImageChunk(pixels.t(), torch.cat(sizes)).packed(), skipped)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Views
+# ---------------------------------------------------------------------------------------------------------
 
 
 class _WholeBatches:

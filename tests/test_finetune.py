@@ -17,7 +17,8 @@ sys.path.insert(0, ROOT)
 
 import finetune  # noqa: E402
 import moco_hf  # noqa: E402
-from moco_hf import evaluation, hub  # noqa: E402
+from moco_hf import hub  # noqa: E402
+from moco_hf import preprocessing as preprocessing_module  # noqa: E402
 
 QUICK = dict(save_strategy="no", eval_strategy="no", disable_tqdm=True, logging_steps=1, dataloader_num_workers=0)
 
@@ -116,8 +117,8 @@ def test_trainer_trains_the_backbone_unless_frozen(checkpoint, tmp_path, freeze)
 
 def test_finetune_from_the_timm_export(checkpoint, tmp_path):
     backbone_dir = hub.export_timm_backbone(checkpoint, tmp_path / "backbone",
-                                            data_config=hub.default_data_config(checkpoint))
-    assert evaluation.preprocessing_for(backbone_dir) == evaluation.preprocessing_for(checkpoint)
+                                            data_config=preprocessing_module.default_data_config(checkpoint))
+    assert preprocessing_module.preprocessing_for(backbone_dir) == preprocessing_module.preprocessing_for(checkpoint)
     model = finetune.load_model(str(backbone_dir), [str(i) for i in range(10)])
     assert type(model).__name__ == "TimmWrapperForImageClassification"
     source = moco_hf.MoCoModel.from_pretrained(checkpoint).get_backbone().state_dict()
@@ -176,7 +177,7 @@ def test_a_classifier_in_the_folder_is_not_the_starting_point(checkpoint, tmp_pa
 def test_train_and_eval_views_are_resized_alike(interpolation):
     from torchvision.transforms.v2 import functional as TF
 
-    preprocessing = evaluation.Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875,
+    preprocessing = preprocessing_module.Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875,
                                              interpolation=interpolation)
     train, evaluate = finetune.build_transforms(digits_args("m"), preprocessing)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))

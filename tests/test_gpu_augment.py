@@ -1,4 +1,4 @@
-"""moco_hf.gpu_augment against torchvision: each op on fixed parameters, each sampler in distribution."""
+"""moco_hf.data.gpu_augment against torchvision: each op on fixed parameters, each sampler in distribution."""
 
 import io
 import itertools
@@ -13,7 +13,8 @@ from torchvision.transforms import RandomResizedCrop as TorchvisionRandomResized
 
 from _tolerance import tolerance
 
-from moco_hf import gpu_augment as G
+from moco_hf.data import decode as D
+from moco_hf.data import gpu_augment as G
 
 TV_COLOR_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)  # BRIGHTNESS..HUE
 
@@ -476,7 +477,7 @@ def test_decode_jpegs_skips_corrupt_data_and_converts_to_rgb():
         b"",
         encode(rgb, "PNG"),
     ]
-    decoded = G.decode_jpegs(data, device="cpu")
+    decoded = D.decode_jpegs(data, device="cpu")
     assert decoded.num_failed == 2 and decoded.kept == [0, 2, 3, 5]
     assert all(image.shape == (3, 30, 40) and image.dtype == torch.uint8 for image in decoded.images)
     grey_decoded = decoded.images[1]
@@ -485,15 +486,15 @@ def test_decode_jpegs_skips_corrupt_data_and_converts_to_rgb():
         assert torch.equal(image, pil_decode(blob))
     assert torch.equal(decoded.images[3], reference)  # PNG: lossless
     # a uint8 tensor of bytes works too, and an all-corrupt batch returns nothing rather than raising
-    assert G.decode_jpegs([torch.frombuffer(bytearray(data[0]), dtype=torch.uint8)]).num_failed == 0
-    assert G.decode_jpegs([b"junk", b"\x00" * 10]) == G.DecodedImages([], 2, [])
+    assert D.decode_jpegs([torch.frombuffer(bytearray(data[0]), dtype=torch.uint8)]).num_failed == 0
+    assert D.decode_jpegs([b"junk", b"\x00" * 10]) == D.DecodedImages([], 2, [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
 def test_decode_jpegs_on_cuda():
     rgb = Image.fromarray(smooth_images(1, 30, 40)[0].permute(1, 2, 0).numpy())
     data = [encode(rgb), b"not a jpeg", encode(rgb.convert("L")), encode(rgb.convert("CMYK")), encode(rgb, "PNG")]
-    decoded = G.decode_jpegs(data, device="cuda")
+    decoded = D.decode_jpegs(data, device="cuda")
     assert decoded.num_failed == 1 and decoded.kept == [0, 2, 3, 4]
     assert all(image.is_cuda and image.shape == (3, 30, 40) for image in decoded.images)
     assert G.MoCoGPUAugment("v2")(decoded.images).is_cuda

@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, BitImageProcessorPil
 
 import moco_hf
-from moco_hf import hub
+from moco_hf import hub, preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "user/moco-tiny"
@@ -179,7 +179,7 @@ def test_backbone_loads_with_transformers_timm_wrapper(run, staged):
     processor = AutoImageProcessor.from_pretrained(staged.dir / "backbone")
     assert type(processor).__name__ == "TimmWrapperImageProcessor"
     image = _smooth_image(45, 37)
-    data_config = hub.resolve_data_config(run.model, {"input_size": (3, 32, 32), "crop_pct": 1.0})  # training_args
+    data_config = preprocessing.resolve_data_config(run.model, {"input_size": (3, 32, 32), "crop_pct": 1.0})  # training_args
     expected = timm.data.create_transform(**data_config)
     torch.testing.assert_close(processor(image)["pixel_values"][0], expected(image), **PIXEL)
 
@@ -287,7 +287,7 @@ DATA_CONFIGS = [
 
 def _crop_margins_agree(image, data_config) -> bool:
     """True when torchvision's CenterCrop offset round(m / 2) equals transformers' floor(m / 2) on both axes."""
-    processor = hub.image_processor_from_data_config(data_config)
+    processor = preprocessing.image_processor_from_data_config(data_config)
     resized = BitImageProcessorPil(**{**processor.to_dict(), "do_center_crop": False, "do_normalize": False})(image)
     _, h, w = resized["pixel_values"][0].shape
     _, ch, cw = data_config["input_size"]
@@ -297,9 +297,9 @@ def _crop_margins_agree(image, data_config) -> bool:
 @pytest.mark.parametrize("override", DATA_CONFIGS)
 @pytest.mark.parametrize("size", [(300, 200), (200, 300), (256, 256), (97, 131), (301, 203)])
 def test_image_processor_matches_timm_eval_transform(run, override, size):
-    data_config = hub.resolve_data_config(run.model, override)
+    data_config = preprocessing.resolve_data_config(run.model, override)
     timm_transform = timm.data.create_transform(**data_config, is_training=False)
-    processor = hub.image_processor_from_data_config(data_config)  # torchvision backend, the default
+    processor = preprocessing.image_processor_from_data_config(data_config)  # torchvision backend, the default
     pil_processor = BitImageProcessorPil(**processor.to_dict())
     image = _smooth_image(*size)
     expected = timm_transform(image)
@@ -326,15 +326,15 @@ def test_image_processor_matches_timm_eval_transform(run, override, size):
 
 def test_default_data_config_follows_the_run_records(tmp_path):
     (tmp_path / "training_config.json").write_text(json.dumps({"image_size": 64, "backbone": "resnet18"}))
-    assert hub.default_data_config(tmp_path) == {"input_size": (3, 64, 64), "crop_pct": 1.0}  # pretrain.py's kNN eval
+    assert preprocessing.default_data_config(tmp_path) == {"input_size": (3, 64, 64), "crop_pct": 1.0}  # pretrain.py's kNN eval
     (tmp_path / "training_args.json").write_text(
         json.dumps({"eval_crop_pct": 0.875, "interpolation": "bicubic", "mean": [0.4, 0.5, 0.6], "std": [0.2] * 3})
     )
-    assert hub.default_data_config(tmp_path) == {
+    assert preprocessing.default_data_config(tmp_path) == {
         "input_size": (3, 64, 64), "crop_pct": 0.875, "interpolation": "bicubic",
         "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.2, 0.2),
     }
-    assert hub.default_data_config(tmp_path / "nothing") == {}
+    assert preprocessing.default_data_config(tmp_path / "nothing") == {}
 
 
 def test_a_folder_without_run_records_keeps_its_own_processor_when_staged(run, tmp_path):
@@ -344,22 +344,22 @@ def test_a_folder_without_run_records_keeps_its_own_processor_when_staged(run, t
     run.model.save_pretrained(folder)
     own = {"input_size": (3, 32, 32), "crop_pct": 32 / 36, "interpolation": "bicubic", "mean": (0.4, 0.4, 0.4),
            "std": (0.2, 0.2, 0.2)}
-    hub.save_image_processor(run.model, folder, own)
+    preprocessing.save_image_processor(run.model, folder, own)
     hub.stage(folder, tmp_path / "staged", REPO_ID)
     staged = json.loads((tmp_path / "staged" / "preprocessor_config.json").read_text())
     assert staged["crop_size"] == {"height": 32, "width": 32} and staged["size"] == {"shortest_edge": 36}
     assert staged["resample"] == 3 and staged["image_mean"] == [0.4, 0.4, 0.4]  # bicubic, the folder's own
-    assert hub.default_data_config(tmp_path / "staged") == hub.default_data_config(folder)  # and again when re-staged
+    assert preprocessing.default_data_config(tmp_path / "staged") == preprocessing.default_data_config(folder)  # and again when re-staged
 
 
 def test_saved_processor_loads_with_auto_image_processor(run, tmp_path):
-    processor = hub.save_image_processor(run.model, tmp_path, {"input_size": (3, 224, 224), "crop_pct": 0.875})
+    processor = preprocessing.save_image_processor(run.model, tmp_path, {"input_size": (3, 224, 224), "crop_pct": 0.875})
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
     assert type(loaded).__name__ == "BitImageProcessor"
     assert loaded.size == {"shortest_edge": 256} and loaded.crop_size == {"height": 224, "width": 224}
     assert loaded.to_dict() == processor.to_dict()
     # a MoCoConfig alone is enough (the backbone is built on the meta device)
-    from_config = hub.save_image_processor(_tiny_config(), tmp_path / "from_config")
+    from_config = preprocessing.save_image_processor(_tiny_config(), tmp_path / "from_config")
     assert from_config.size == {"shortest_edge": 168} and from_config.crop_size == {"height": 160, "width": 160}
 
 

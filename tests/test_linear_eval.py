@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 import linear_eval  # noqa: E402
 import moco_hf  # noqa: E402
 from moco_hf import evaluation, hub  # noqa: E402
+from moco_hf import preprocessing as preprocessing_module  # noqa: E402
 from linear_eval import LinearEvalConfig  # noqa: E402
 
 # Cached features: paper optimiser and schedule (lr 30, /10 at 60 and 80) over 100 cheap epochs on a digits subset.
@@ -41,7 +42,7 @@ def digits():
     """(train, eval) digits subsets and the preprocessing of the tiny checkpoint, loaded once for the module."""
     train = evaluation.load_labeled_split("train", max_samples=160, seed=0)
     test = evaluation.load_labeled_split("test", label_names=train.label_names, max_samples=64, seed=0)
-    prep = evaluation.Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0)
+    prep = preprocessing_module.Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0)
     return train, test, prep
 
 

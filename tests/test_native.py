@@ -28,7 +28,7 @@ from transformers.integrations.accelerate import infer_auto_device_map
 import moco_hf.backbones
 from moco_hf import MoCoConfig, MoCoForImageClassification, MoCoModel
 from moco_hf.backbones import SMALL_IMAGE_RESNETS
-from moco_hf.hub import image_processor_from_data_config, resolve_data_config
+from moco_hf.preprocessing import image_processor_from_data_config, resolve_data_config
 from moco_hf.modeling_moco import AUTO_MAP
 
 BACKBONES = ["test_resnet", "test_vit", "test_convnext"]

@@ -13,7 +13,7 @@ sys.path.insert(0, ROOT)
 
 import pretrain  # noqa: E402
 from moco_hf import pretraining  # noqa: E402
-from moco_hf.data import ImageChunk  # noqa: E402
+from moco_hf.views import ImageChunk  # noqa: E402
 from moco_hf.run_folder import list_checkpoints, resolve_resume  # noqa: E402
 from moco_hf.training import uses_cuda_graphs  # noqa: E402
 from pretrain import COMPILE_MODES, load_config  # noqa: E402
@@ -65,7 +65,7 @@ def test_demo_run_end_to_end(tmp_path, capsys):
     from transformers import AutoImageProcessor, AutoModel
 
     # the kNN monitor's eval transform travels with the weights: resize and center crop to 32 px, the run's mean/std
-    from moco_hf.hub import default_data_config
+    from moco_hf.preprocessing import default_data_config
 
     assert default_data_config(final)["interpolation"] == "bilinear"  # what the kNN monitor resized with
     processor = AutoImageProcessor.from_pretrained(str(final))
@@ -145,7 +145,9 @@ def test_local_folder_with_bad_images_is_skipped_and_counted(tmp_path):
     Image.new("CMYK", (20, 20), (10, 20, 30, 40)).save(train / "cmyk.jpg")
     Image.new("RGB", (5, 7), (200, 10, 10)).save(train / "tiny.png")  # smaller than the 32 px crop
     # The stream itself: every readable image comes out as two 3 x 32 x 32 views, the two broken ones are counted.
-    from moco_hf.data import TwoViewStream, TwoViewTransform, load_source
+    from moco_hf.data.sources import load_source
+    from moco_hf.data.streams import TwoViewStream
+    from moco_hf.data.transforms import TwoViewTransform
 
     source = load_source("train", train_dir=str(root), num_shards=2)
     stream = TwoViewStream(source.dataset, source.image_column, TwoViewTransform("v2", 32, [0.5] * 3, [0.5] * 3), 0)
@@ -270,7 +272,7 @@ def test_shipped_configs_parse_and_build(name):
                                          ("moco_v2_vit_small_imagenet.yaml", 0.2), ("moco_v2_resnet18_cifar10.yaml", 0.08)])
 def test_paper_configs_crop_as_published(name, scale):
     """The demo's crop scale (0.4, the default) must not leak into the paper configs, on either augmentation path."""
-    from moco_hf.data import TwoViewTransform
+    from moco_hf.data.transforms import TwoViewTransform
 
     cfg = load_config(os.path.join(ROOT, "configs", name), [])
     stats = {"mean": [0.5] * 3, "std": [0.25] * 3}
@@ -328,13 +330,13 @@ def test_batched_device_path_on_cpu(tmp_path, decode):
     corrupt files skipped and counted, training runs."""
     root = make_image_folder(tmp_path / "data", per_class=8)
     (root / "train" / "class1" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    from moco_hf.data import collate_encoded, split_encoded
+    from moco_hf.data.streams import collate_encoded, split_encoded
 
     images = [torch.randint(0, 255, (3, h, w), dtype=torch.uint8) for h, w in ((5, 7), (9, 4), (1, 3))]
     flat, shapes, skipped, names = collate_encoded([(images[0], [], None), (images[1], ["a", "b"], None),
                                                     (images[2], [], None)])
     assert skipped == ["a", "b"] and all(torch.equal(a, b) for a, b in zip(images, split_encoded(flat, shapes)))
-    from moco_hf.data import ImageChunk
+    from moco_hf.views import ImageChunk
 
     chunk, n_skipped = ImageChunk.from_chunk((flat, shapes, skipped, names), torch.device("cpu"))
     first, rest = chunk.split(2)
@@ -363,13 +365,13 @@ class _PassThrough:
 
 
 def _chunk(images):
-    from moco_hf.data import collate_encoded
+    from moco_hf.data.streams import collate_encoded
 
     return ImageChunk.from_chunk(collate_encoded([(image, [], None) for image in images]), torch.device("cpu"))[0]
 
 
 def _tiny_cache(count=10):
-    from moco_hf.data import DeviceImageCache
+    from moco_hf.views import DeviceImageCache
 
     images = [torch.randint(0, 255, (3, 2 + i % 3, 3), dtype=torch.uint8) for i in range(count)]
     chunks = [(_chunk(images[:4]), ["bad.jpg"]), (_chunk(images[4:]), [])]
@@ -386,7 +388,7 @@ def test_device_cache_packs_every_image_and_batches_are_views():
         pixels = batch.pixels[:, start: start + h * w].reshape(3, h, w)
         assert torch.equal(pixels, images[i])
     assert batch.pixels.data_ptr() == cache.images.pixels.data_ptr()  # no copy
-    from moco_hf.data import DeviceImageCache
+    from moco_hf.views import DeviceImageCache
 
     too_small = DeviceImageCache.build([(_chunk(images), [])], max_bytes=100)
     assert too_small is None
@@ -484,7 +486,7 @@ def test_processes_agree_on_the_device_cache(tmp_path):
 
 
 def test_cache_budget_is_exact_for_on_and_an_estimate_for_auto():
-    from moco_hf.data import DeviceImageCache
+    from moco_hf.views import DeviceImageCache
 
     big, small = torch.zeros(3, 20, 20, dtype=torch.uint8), torch.zeros(3, 2, 2, dtype=torch.uint8)
     skewed = [(_chunk([big] * 10), [])] + [(_chunk([small] * 10), []) for _ in range(99)]  # 12,000 + 11,880 bytes
@@ -500,7 +502,7 @@ def test_cache_budget_is_exact_for_on_and_an_estimate_for_auto():
 
 
 def test_trailing_unreadable_images_are_counted():
-    from moco_hf.data import EncodedStream, collate_encoded
+    from moco_hf.data.streams import EncodedStream, collate_encoded
 
     good = _png_bytes()
     rows = [{"image": {"bytes": good}}] * 3 + [{"image": {"bytes": b"junk"}}, {"image": {"path": "/no/such.jpg"}}]
@@ -572,8 +574,10 @@ def test_thread_decoder_matches_the_workers_decode():
     skipped and counted (PNG, JPEG, grey, RGBA, junk)."""
     import io
 
-    from moco_hf.data import ThreadDecoder, collate_encoded
     from torchvision.io import ImageReadMode, decode_image
+
+    from moco_hf.data.decode import ThreadDecoder
+    from moco_hf.data.streams import collate_encoded
 
     g = torch.Generator().manual_seed(0)
     encoded = []
@@ -584,13 +588,13 @@ def test_thread_decoder_matches_the_workers_decode():
         encoded.append(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8))
     junk = [torch.frombuffer(bytearray(b"not an image"), dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
     decoder = ThreadDecoder(3)
-    chunk, skipped = decoder.decode(encoded[:5] + junk + encoded[5:], torch.device("cpu"))
+    pixels, sizes, skipped = decoder.decode(encoded[:5] + junk + encoded[5:], torch.device("cpu"))
     decoder.close()
     expected = [decode_image(e, mode=ImageReadMode.RGB) for e in encoded]
     reference, _ = ImageChunk.from_chunk(collate_encoded([(image, [], None) for image in expected]),
                                          torch.device("cpu"))
-    assert skipped == [5, 6] and torch.equal(chunk.sizes, reference.sizes)  # the junk's indices
-    assert torch.equal(chunk.pixels, reference.pixels)
+    assert skipped == [5, 6] and torch.equal(sizes, reference.sizes)  # the junk's indices
+    assert torch.equal(pixels, reference.pixels)
 
 
 def test_16_bit_tiff_and_bmp_images_decode_alike_on_every_path():
@@ -599,8 +603,8 @@ def test_16_bit_tiff_and_bmp_images_decode_alike_on_every_path():
     import io
 
     import numpy as np
-    from moco_hf.data import ThreadDecoder, decode_image
-    from moco_hf.gpu_augment import decode_jpegs
+    from moco_hf.data.decode import ThreadDecoder, decode_image
+    from moco_hf.data.decode import decode_jpegs
 
     def encode(image, fmt):
         buffer = io.BytesIO()
@@ -620,10 +624,10 @@ def test_16_bit_tiff_and_bmp_images_decode_alike_on_every_path():
     for image in workers.images[1:]:
         assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(np.array(rgb)))
     decoder = ThreadDecoder(2)
-    chunk, skipped = decoder.decode(encoded, torch.device("cpu"))
+    pixels, _, skipped = decoder.decode(encoded, torch.device("cpu"))
     decoder.close()
     flat = [image.permute(1, 2, 0).reshape(-1, 3) for image in workers.images]
-    assert skipped == [] and torch.equal(chunk.pixels, torch.cat(flat))
+    assert skipped == [] and torch.equal(pixels, torch.cat(flat))
 
 
 def test_cpu_path_resumes_exactly_with_carried_images(tmp_path):
@@ -658,3 +662,14 @@ def test_streamed_device_path_resumes_exactly_with_carried_images(tmp_path):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
+    """The same ops recomputed on the same inputs: the run with checkpointing is bit-identical to the one without."""
+    common = ["--max_steps", "2", "--eval_split", "none", "--bn_splits", "2"]
+    plain = pretrain.train(tiny_config(tmp_path / "a", *common))
+    checkpointed = pretrain.train(tiny_config(tmp_path / "b", *common, "--gradient_checkpointing", "true"))
+    assert checkpointed.model.query_encoder.gradient_checkpointing and not plain.model.query_encoder.gradient_checkpointing
+    expected = plain.model.state_dict()
+    for name, tensor in checkpointed.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name

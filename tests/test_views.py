@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from moco_hf.data import ThreadDecoder, collate_encoded, collate_two_views
+from moco_hf.data.decode import ThreadDecoder
+
+from moco_hf.data.streams import collate_encoded, collate_two_views
 from moco_hf.training import TrainState
 from moco_hf.views import BatchStream, CPUViews, GPUViews
 

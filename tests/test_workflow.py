@@ -17,7 +17,8 @@ import moco_hf  # noqa: E402
 import pretrain  # noqa: E402
 import push_to_hub  # noqa: E402
 from linear_eval import LinearEvalConfig  # noqa: E402
-from moco_hf.evaluation import linear_evaluation, preprocessing_for  # noqa: E402
+from moco_hf.evaluation import linear_evaluation  # noqa: E402
+from moco_hf.preprocessing import preprocessing_for  # noqa: E402
 from pretrain import load_config  # noqa: E402
 
 from _tiny import TINY  # noqa: E402

@@ -1,6 +1,6 @@
 """Batched MoCo v1/v2 augmentation that runs on the batch's device (CUDA in training, CPU in tests).
 
-The CPU path (`data.py`) follows the official MoCo code: one PIL image at a time in dataloader workers. Here the
+The CPU path (`transforms.py`) follows the official MoCo code: one PIL image at a time in dataloader workers. Here the
 same recipe runs on a whole batch with plain torch ops, every random parameter drawn per sample:
 
     images (N x 3 x H x W uint8, or a list of 3 x H_i x W_i uint8, e.g. from `decode_jpegs(..., device="cuda")`)
@@ -31,21 +31,20 @@ against `torchvision.transforms.v2.functional` on fixed parameters. `MoCoGPUAugm
 Usage:
     augment = MoCoGPUAugment("v2", generator=torch.Generator("cuda").manual_seed(0), dtype=torch.bfloat16,
                              channels_last=True, compile=True)
-    decoded = decode_jpegs(list_of_jpeg_bytes, device="cuda")      # nvJPEG, one batched call
+    decoded = decode.decode_jpegs(list_of_jpeg_bytes, device="cuda")   # nvJPEG, one batched call
     view_q, view_k = augment.two_views(decoded.images)              # 2 x (N x 3 x 224 x 224)
 """
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+from .presets import PRESETS, AugmentPreset, get_preset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -641,23 +640,17 @@ def _normalize_to(images: Tensor, scale: Tensor, shift: Tensor, dtype: torch.dty
 # --------------------------------------------------------------------------------------------------------------------
 
 
-PRESETS = ("v1", "v2", "cifar")
-
-
-def build_ops(preset: str, size: int) -> tuple:
-    """The ops after the crop, in the order of the official recipe for `preset` (the flip last)."""
-    if preset == "v1":  # moco/main_moco.py, args.aug_plus False
-        return RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4, p=1.0), RandomHorizontalFlip(0.5)
-    if preset == "v2":  # moco/main_moco.py, args.aug_plus True
-        return (
-            ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
-            RandomGrayscale(0.2),
-            GaussianBlur(default_blur_kernel_size(size), (0.1, 2.0), p=0.5),
-            RandomHorizontalFlip(0.5),
-        )
-    if preset == "cifar":  # the MoCo CIFAR-10 demo's recipe: crop scale (0.08, 1), no blur
-        return ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), RandomGrayscale(0.2), RandomHorizontalFlip(0.5)
-    raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+def build_ops(preset: str | AugmentPreset, size: int) -> tuple:
+    """The ops after the crop, in the order of the official recipe for `preset` (a name of `presets.PRESETS` or an
+    `AugmentPreset`): the jitter and the grayscale (v1: grayscale first), the blur where the preset has one, the flip
+    last."""
+    p = get_preset(preset)
+    jitter, grey = ColorJitter(*p.jitter, p=p.jitter_prob), RandomGrayscale(p.grayscale_prob)
+    ops = [grey, jitter] if p.grayscale_first else [jitter, grey]
+    if p.blur_prob > 0:
+        ops.append(GaussianBlur(default_blur_kernel_size(size), p.blur_sigma, p=p.blur_prob))
+    ops.append(RandomHorizontalFlip(p.flip_prob))
+    return tuple(ops)
 
 
 class AugmentParams(NamedTuple):
@@ -701,9 +694,11 @@ class MoCoGPUAugment:
         compile: bool = False,
     ):
         cifar = preset == "cifar"
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
         self.preset = preset
         self.size = size if size is not None else (32 if cifar else 224)
-        self.crop = RandomResizedCrop(self.size, scale=tuple(crop_scale or ((0.08, 1.0) if cifar else (0.2, 1.0))))
+        self.crop = RandomResizedCrop(self.size, scale=tuple(crop_scale or PRESETS[preset].crop_scale))
         self.ops = build_ops(preset, self.size)
         self.mean = tuple(mean if mean is not None else (CIFAR10_MEAN if cifar else IMAGENET_MEAN))
         self.std = tuple(std if std is not None else (CIFAR10_STD if cifar else IMAGENET_STD))
@@ -777,93 +772,6 @@ class MoCoGPUAugment:
         """Two independently augmented views (query, key) of the same images; the images are packed once."""
         packed = pack_images(images)
         return self(packed, generator), self(packed, generator)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class DecodedImages(NamedTuple):
-    images: list[Tensor]  # 3 x H_i x W_i uint8 on the requested device
-    num_failed: int  # inputs that could not be decoded (skipped)
-    kept: list[int]  # index into the input of each decoded image, to keep labels aligned
-
-
-def _to_rgb(image: Tensor) -> Tensor:
-    """Force 3 channels: grey -> replicated, grey + alpha -> grey replicated, RGBA -> RGB."""
-    if image.shape[0] in (1, 2):
-        return image[:1].expand(3, -1, -1).contiguous()
-    return image[:3]
-
-
-def decode_rgb(data: Tensor) -> Tensor | None:
-    """One encoded image (a uint8 tensor of its bytes) as 3 x H x W uint8 RGB on the CPU, or None if unreadable.
-
-    `torchvision.io.decode_image` first (JPEG, PNG, GIF, WebP); 16-bit PNGs, which it returns as uint16, are
-    scaled to 8 bits. What it cannot read (TIFF, BMP, ...) goes through PIL, as the CPU augmentation path does."""
-    try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
-    except Exception:  # noqa: BLE001 - not a format torchvision reads, or corrupt
-        from .data import decode_image as decode_with_pil
-
-        pil = decode_with_pil(data.numpy().tobytes())
-        if pil is None:
-            return None
-        image = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
-    if image.dtype == torch.uint16:
-        image = torch.round(image.float() / 257).to(torch.uint8)  # 0-65535 to 0-255, as the CPU path
-    if image.dtype != torch.uint8 or image.ndim != 3 or image[0].numel() == 0:
-        return None
-    return _to_rgb(image)
-
-
-def _as_byte_tensor(data) -> Tensor:
-    if isinstance(data, Tensor):
-        return data.reshape(-1).to("cpu", torch.uint8)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def decode_jpegs(data: Sequence[bytes | bytearray | memoryview | Tensor], device="cpu") -> DecodedImages:
-    """Decode encoded images to 3 x H x W uint8 RGB on `device`, skipping those that fail.
-
-    On CUDA, one batched `torchvision.io.decode_jpeg(..., device="cuda")` (nvJPEG); if that call fails (one corrupt
-    or non-JPEG file fails the whole call), each image is retried alone on the GPU, then on the CPU with
-    `decode_rgb` (torchvision's `decode_image`: JPEG, PNG, GIF, WebP, CMYK JPEGs; PIL for the rest; 16-bit PNGs
-    scaled to 8 bits), then skipped. On CPU, `decode_rgb`. Grey and CMYK images come out as RGB.
-
-    Returns:
-        `DecodedImages(images, num_failed, kept)`: the decoded images, how many inputs were skipped, and the input
-        index of each decoded image (to keep labels aligned).
-    """
-    device = torch.device(device)
-    decoded: list[Tensor | None] = [None] * len(data)
-    tensors: list[Tensor | None] = []
-    for item in data:
-        try:
-            tensors.append(_as_byte_tensor(item))
-        except (TypeError, ValueError):  # e.g. empty bytes
-            tensors.append(None)
-    valid = [i for i, t in enumerate(tensors) if t is not None and t.numel() > 0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders for TorchCodec; libjpeg warnings
-        if device.type == "cuda" and valid:
-            try:
-                batch = decode_jpeg([tensors[i] for i in valid], mode=ImageReadMode.RGB, device=device)
-                for i, image in zip(valid, batch):
-                    decoded[i] = image
-            except Exception:  # noqa: BLE001 - any decoder failure falls back to one image at a time
-                for i in valid:
-                    try:
-                        decoded[i] = decode_jpeg(tensors[i], mode=ImageReadMode.RGB, device=device)
-                    except Exception:  # noqa: BLE001
-                        pass
-        for i in valid:
-            if decoded[i] is None:  # corrupt or unsupported data stays None: skipped and counted
-                image = decode_rgb(tensors[i])
-                decoded[i] = image.to(device) if image is not None else None
-    kept = [i for i, image in enumerate(decoded) if image is not None and image.ndim == 3 and image[0].numel() > 0]
-    return DecodedImages([_to_rgb(decoded[i]) for i in kept], len(data) - len(kept), kept)
 
 
 __doc__ = (__doc__ or "") + """
