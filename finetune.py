@@ -63,9 +63,6 @@ TRAINING_DEFAULTS = dict(
     remove_unused_columns=False,
     seed=0,
 )
-# Train augmentation for the embedded digits: digits are not mirror-symmetric, and a crop of 8 % of a 32 px digit
-# no longer shows which digit it is.
-DIGITS_AUGMENTATION = dict(crop_min_scale=0.6, flip_prob=0.0)
 # What a finished fine-tuning leaves in output_dir (and --overwrite_output_dir deletes, with Trainer's checkpoints).
 MODEL_ARTEFACTS = ("config.json", "model.safetensors", "model.safetensors.index.json", "metrics.json",
                    "training_config.json", "preprocessor_config.json", "training_args.bin", "README.md")
@@ -99,6 +96,17 @@ class FinetuneArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "train on a random subset"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on a random subset"})
+    label_fraction: float = field(
+        default=1.0, metadata={"help": "train on this fraction of the train labels (class-balanced; e.g. 0.01)"}
+    )
+    from_scratch: bool = field(
+        default=False, metadata={"help": "the same architecture at random initialisation: the baseline pretraining "
+                                         "has to beat"}
+    )
+    label_efficiency: str | None = field(
+        default=None, metadata={"help": "comma-separated label fractions (e.g. 0.01,0.1,1): fine-tune on each, from "
+                                        "the pretrained weights and from scratch, and print the table"}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "start over in an output_dir that holds another run (deletes its model "
                                          "files and checkpoints)"}
@@ -110,6 +118,7 @@ class FinetuneResult:
     metrics: dict
     trainer: object  # transformers.Trainer
     output_dir: str
+    preempted: bool = False  # stopped by a scheduler's signal after saving a checkpoint: resume with `auto`
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,11 +160,11 @@ def build_datasets(args: FinetuneArguments, preprocessing):
 
 
 def resolve_augmentation(args: FinetuneArguments) -> dict:
-    """crop_min_scale and flip_prob: as given, else 0.08 and 0.5 (torchvision / timm), else for the embedded
-    digits `DIGITS_AUGMENTATION`."""
-    demo = not (args.dataset_name or args.train_dir)
-    defaults = DIGITS_AUGMENTATION if demo else dict(crop_min_scale=0.08, flip_prob=0.5)
-    return {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in defaults.items()}
+    """crop_min_scale and flip_prob: as given, else the dataset's (`data.labeled.supervised_augmentation`: 0.08 and
+    0.5, or for the embedded digits 0.6 and no flips)."""
+    from moco_hf.data.labeled import supervised_augmentation
+
+    return supervised_augmentation(args.dataset_name, args.train_dir, args.crop_min_scale, args.flip_prob)
 
 
 def build_transforms(args: FinetuneArguments, preprocessing):
@@ -170,10 +179,12 @@ def build_transforms(args: FinetuneArguments, preprocessing):
     return train, EvalTransform(size, mean, std, crop_pct=crop_pct, interpolation=preprocessing.interpolation)
 
 
-def load_model(model_dir: str, label_names: list[str], freeze_backbone: bool = False):
+def load_model(model_dir: str, label_names: list[str], freeze_backbone: bool = False, from_scratch: bool = False,
+               seed: int = 0):
     """The model to fine-tune with a fresh `len(label_names)`-way classifier: `MoCoForImageClassification` for a
     MoCo folder (query backbone kept; key encoder, queue and projection head dropped), transformers' TimmWrapper
-    for a timm-format folder."""
+    for a timm-format folder. `from_scratch`: the same architecture at random initialisation (seeded)."""
+    import torch
     from transformers import AutoModelForImageClassification
 
     from moco_hf.preprocessing import is_timm_folder, read_model_config
@@ -185,10 +196,19 @@ def load_model(model_dir: str, label_names: list[str], freeze_backbone: bool = F
     if is_timm_folder(config):
         if freeze_backbone:
             raise ValueError("freeze_backbone is for MoCo folders; a timm-format folder is fine-tuned entirely")
-        return AutoModelForImageClassification.from_pretrained(model_dir, **labels)
+        model = AutoModelForImageClassification.from_pretrained(model_dir, **labels)
+        if from_scratch:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = AutoModelForImageClassification.from_config(model.config)
+        return model
     model = MoCoForImageClassification.from_pretrained(
         model_dir, freeze_backbone=freeze_backbone, ignore_mismatched_sizes=True, **labels
     )
+    if from_scratch:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = MoCoForImageClassification(model.config)
     model.reset_classifier()  # a classifier the folder may hold (same shape) is not the fine-tuning's starting point
     return model
 
@@ -231,11 +251,25 @@ def run(args: FinetuneArguments, training_args: TrainingArguments, callbacks: li
                          "arguments); set HF_TOKEN or log in once with `hf auth login` instead")
     training_args.remove_unused_columns = False  # the raw image column feeds the transform
     out = training_args.output_dir
+    if str(training_args.resume_from_checkpoint).lower() in ("auto", "true"):
+        training_args.resume_from_checkpoint = last_complete_checkpoint(out)
     check_model_output_dir(out, args.overwrite_output_dir, resume=bool(training_args.resume_from_checkpoint))
+    if not 0.0 < args.label_fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {args.label_fraction}")
     preprocessing = preprocessing_for(args.model_dir, args.image_size)
     train, evaluation = build_datasets(args, preprocessing)
+    full_train = len(train)
+    if args.label_fraction < 1.0:
+        from moco_hf.representation import label_subset
+
+        train = train.subset(label_subset(train.labels(), args.label_fraction, seed=training_args.seed))
+        if training_args.max_steps <= 0:  # the same number of steps as on all the labels
+            world = training_args.world_size * training_args.gradient_accumulation_steps
+            steps_full = math.ceil(full_train / (training_args.per_device_train_batch_size * world))
+            training_args.max_steps = int(steps_full * training_args.num_train_epochs)
     train_transform, eval_transform = build_transforms(args, preprocessing)
-    model = load_model(args.model_dir, train.label_names, args.freeze_backbone)
+    model = load_model(args.model_dir, train.label_names, args.freeze_backbone, args.from_scratch,
+                       seed=training_args.seed)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_collator, eval_collator = ClassificationCollator(allow_empty=False), ClassificationCollator(allow_empty=False)
@@ -264,7 +298,17 @@ def run(args: FinetuneArguments, training_args: TrainingArguments, callbacks: li
               f"global batch {batch} = {world} x {training_args.per_device_train_batch_size} x "
               f"{training_args.gradient_accumulation_steps}; {_name(training_args.optim)} lr "
               f"{training_args.learning_rate:g} ({_name(training_args.lr_scheduler_type)}); {steps:g} steps")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    from moco_hf.training import StopSignals
+
+    with StopSignals() as signals:
+        stop = stop_on_signal(signals)
+        trainer.add_callback(stop)
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if stop.stopped:
+        if training_args.process_index == 0:
+            print(f"stopped at step {trainer.state.global_step} on {stop.stopped} after saving a checkpoint in {out}; "
+                  f"resume with --resume_from_checkpoint auto")
+        return FinetuneResult({}, trainer, out, preempted=True)
     train_skipped = train_collator.skipped
     eval_collator.reset()
     metrics = trainer.evaluate()
@@ -273,6 +317,8 @@ def run(args: FinetuneArguments, training_args: TrainingArguments, callbacks: li
         **({"finetune_top5": metrics["eval_top5"]} if "eval_top5" in metrics else {}),
         **metrics,
         "finetune_train_images": len(train),
+        "finetune_label_fraction": args.label_fraction,
+        "finetune_from_scratch": args.from_scratch,
         "finetune_eval_images": len(evaluation) - eval_collator.skipped,
         "finetune_skipped_train_images": train_skipped,  # over all epochs
         "finetune_skipped_eval_images": eval_collator.skipped,
@@ -284,6 +330,81 @@ def run(args: FinetuneArguments, training_args: TrainingArguments, callbacks: li
                            metrics["finetune_skipped_eval_images"])
         print(f"fine-tuned top-1 {metrics['finetune_top1']:.2f}% on '{args.eval_split}'; saved to {out}")
     return FinetuneResult(metrics, trainer, out)
+
+
+def label_efficiency(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
+    """Fine-tune on each fraction of `args.label_efficiency` of the train labels, from the pretrained weights and
+    from scratch (each in output_dir/<pretrained|scratch>-<percent>), every run the same number of steps as on all
+    the labels; print the table and write output_dir/label_efficiency.json. Returns {fraction: {init: top-1}}."""
+    import copy
+
+    from moco_hf.run_folder import share_files
+
+    try:
+        fractions = [float(v) for v in args.label_efficiency.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"label_efficiency expects comma-separated fractions such as 0.01,0.1,1, got "
+                         f"{args.label_efficiency!r}") from None
+    if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
+        raise ValueError(f"label_efficiency fractions must be in (0, 1], got {args.label_efficiency!r}")
+    out = training_args.output_dir
+    table: dict[str, dict[str, float]] = {}
+    for fraction in fractions:
+        for init, scratch in (("pretrained", False), ("scratch", True)):
+            run_args = dataclasses.replace(args, label_fraction=fraction, from_scratch=scratch, label_efficiency=None)
+            run_training = copy.deepcopy(training_args)
+            run_training.output_dir = os.path.join(out, f"{init}-{fraction:.0%}".replace("%", "pct"))
+            metrics = run(run_args, run_training).metrics
+            table.setdefault(f"{fraction:.0%}", {})[init] = metrics["finetune_top1"]
+            table[f"{fraction:.0%}"]["train_images"] = metrics["finetune_train_images"]
+    if training_args.process_index == 0:
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "label_efficiency.json")
+        with open(path, "w") as f:
+            json.dump({"model_dir": args.model_dir, "eval_split": args.eval_split, "unit": "% top-1",
+                       "results": table}, f, indent=2)
+        share_files(path)
+        print(format_label_efficiency(table, args.eval_split))
+    return table
+
+
+def format_label_efficiency(table: dict, eval_split: str) -> str:
+    rows = [f"fine-tuned top-1 (%) on '{eval_split}'", f"{'labels':<20}{'pretrained':>12}{'from scratch':>14}"]
+    for fraction, values in table.items():
+        label = f"{fraction.replace('%', ' %')} ({values['train_images']} images)"
+        rows.append(f"{label:<20}{values['pretrained']:>12.2f}{values['scratch']:>14.2f}")
+    return "\n".join(rows)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-<step>` in `output_dir` that Trainer finished writing (its trainer_state.json, written
+    after the model, optimizer and RNG states, is there), or None: a save cut short by a kill is skipped."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit() and \
+                os.path.isfile(os.path.join(path, "trainer_state.json")):
+            steps.append((int(name[len("checkpoint-"):]), path))
+    return max(steps)[1] if steps else None
+
+
+def stop_on_signal(signals):
+    """A TrainerCallback: after the step in which a scheduler's signal arrived (on any process), Trainer saves a
+    checkpoint and stops training (`should_save`, `should_training_stop`); `.stopped` names the signal."""
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        stopped: str | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if signals.requested(args.device):
+                control.should_save = control.should_training_stop = True
+                self.stopped = signals.received
+            return control
+
+    return StopOnSignal()
 
 
 def _name(value) -> str:
@@ -362,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from moco_hf.cli import run_command
 
-    return run_command("finetune.py", lambda: run(args, training_args), debug=debug)
+    from moco_hf.training import PREEMPTED
+
+    if args.label_efficiency:
+        return run_command("finetune.py", lambda: label_efficiency(args, training_args), debug=debug)
+    return run_command("finetune.py", lambda: PREEMPTED if run(args, training_args).preempted else 0, debug=debug)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
 """Linear evaluation of a MoCo checkpoint (thin command line over `moco_hf.evaluation.linear_evaluation`).
 
-MoCo's protocol (official main_lincls.py): the backbone is frozen and kept in eval mode; a linear classifier on its
-pooled features is trained with SGD lr 30, momentum 0.9, no weight decay, batch 256, for 100 epochs with the
-learning rate divided by 10 at epochs 60 and 80, on RandomResizedCrop + flip views; top-1 (and top-5) is measured on
-Resize 256 / CenterCrop 224 views (other sizes: Resize size / 0.875). The backbone is checked, bit for bit, to be
-unchanged at the end. `linear_top1` (%) is merged into MODEL_DIR/metrics.json, where the model card reads it.
+Two protocols on the frozen backbone (kept in eval mode, checked bit for bit to be unchanged at the end):
+
+- lbfgs (the default where the train features fit in memory): center-crop features extracted once, a logistic
+  regression fitted to convergence with L-BFGS (L2 penalty chosen on a held-out fifth of the train split), and the
+  same probe on the backbone at random initialisation and on the raw pixels, as baselines. Seconds on the demo.
+- sgd: MoCo's protocol (official main_lincls.py): a linear classifier on the pooled features trained with SGD lr 30,
+  momentum 0.9, no weight decay, batch 256, for 100 epochs with the learning rate divided by 10 at epochs 60 and 80,
+  on RandomResizedCrop + flip views (the dataset's: digits are not flipped); top-1 (and top-5) on Resize 256 /
+  CenterCrop 224 views (other sizes: Resize size / 0.875). For ImageNet-scale runs.
+
+`linear_top1` (%) is merged into MODEL_DIR/metrics.json, where the model card reads it.
 
 Run it:
-    python linear_eval.py --model_dir outputs/moco-digits/final      # embedded digits (train / test splits)
-    python linear_eval.py --model_dir outputs/moco-digits/final --cached_features --epochs 30
-                                                                      # CPU-friendly: center-crop features once
-    python linear_eval.py --model_dir outputs/moco-v2-r50-in1k/final --train_dir /data/imagenet \
+    python linear_eval.py --model_dir outputs/moco-digits/final      # embedded digits: L-BFGS probe, seconds
+    python linear_eval.py --model_dir outputs/moco-digits/final --protocol sgd --epochs 30
+                                                                      # the paper's SGD protocol, shortened
+    python linear_eval.py --model_dir outputs/moco-v2-r50-in1k/final --train_dir /data/imagenet --protocol sgd \
         --eval_split validation --num_workers 16 --mixed_precision bf16   # ImageNet, paper protocol (one GPU)
     python linear_eval.py --model_dir outputs/moco-digits/final --dataset_name uoft-cs/cifar10 --image_size 32 \
         --output_dir outputs/linear-cifar10                           # also save the trained classifier
@@ -45,9 +51,17 @@ class LinearEvalConfig:
         image_size (`int`, *optional*): crop size; defaults to the size the checkpoint was trained with.
         crop_pct (`float`, defaults to 0.875): eval transform: shorter side to image_size / crop_pct, center crop
             image_size (Resize 256 / CenterCrop 224 at 224 px).
-        crop_min_scale (`float`, defaults to 0.08): train RandomResizedCrop minimum area fraction.
-        cached_features (`bool`, defaults to False): extract center-crop features of the train split once and train
-            the classifier on them without augmentation (fast; not the paper protocol).
+        protocol (`str`, defaults to "auto"): "lbfgs": a logistic regression on center-crop features extracted once,
+            fitted to convergence with L-BFGS, its L2 penalty chosen on a held-out fifth of the train split, next to
+            the same probe on the backbone at random initialisation and on the raw pixels (seconds where the
+            features fit in memory); "sgd": the paper's protocol below; "auto": lbfgs when the train features fit
+            in `probe_memory_gb`, else sgd.
+        probe_memory_gb (`float`, defaults to 8.0): the most memory the lbfgs protocol's train features may take.
+        crop_min_scale (`float`, *optional*): sgd: train RandomResizedCrop minimum area fraction; default the
+            dataset's (0.08; the embedded digits 0.6).
+        flip_prob (`float`, *optional*): sgd: horizontal flip probability; default the dataset's (0.5; digits 0).
+        cached_features (`bool`, defaults to False): sgd: extract center-crop features of the train split once and
+            train the classifier on them without augmentation (fast; not the paper protocol).
         num_workers (`int`, defaults to 4): DataLoader worker processes.
         seed (`int`, defaults to 0): classifier initialisation, shuffling and augmentation.
         max_train_samples / max_eval_samples (`int`, *optional*): evaluate on a random subset.
@@ -62,7 +76,10 @@ class LinearEvalConfig:
     batch_size: int = 256
     image_size: int | None = None
     crop_pct: float = 0.875
-    crop_min_scale: float = 0.08
+    protocol: str = "auto"
+    probe_memory_gb: float = 8.0
+    crop_min_scale: float | None = None
+    flip_prob: float | None = None
     cached_features: bool = False
     num_workers: int = 4
     seed: int = 0
@@ -83,9 +100,15 @@ class LinearEvalConfig:
         if not 0.0 <= self.momentum < 1.0 or self.weight_decay < 0:
             raise ValueError(f"momentum must be in [0, 1) and weight_decay >= 0, got {self.momentum}, "
                              f"{self.weight_decay}")
-        if not 0.0 < self.crop_pct <= 1.0 or not 0.0 < self.crop_min_scale <= 1.0:
+        if not 0.0 < self.crop_pct <= 1.0 or not 0.0 < (self.crop_min_scale or 1.0) <= 1.0:
             raise ValueError(f"crop_pct and crop_min_scale must be in (0, 1], got {self.crop_pct}, "
                              f"{self.crop_min_scale}")
+        if self.flip_prob is not None and not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        if self.protocol not in ("auto", "lbfgs", "sgd"):
+            raise ValueError(f"protocol must be auto, lbfgs or sgd, got {self.protocol!r}")
+        if not self.probe_memory_gb > 0:
+            raise ValueError(f"probe_memory_gb must be > 0, got {self.probe_memory_gb}")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be a positive integer, got {self.image_size}")
         if self.mixed_precision not in ("no", "bf16"):
@@ -119,7 +142,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=d.batch_size)
     parser.add_argument("--image_size", type=int, default=None, help="default: the size the checkpoint was trained at")
     parser.add_argument("--crop_pct", type=float, default=d.crop_pct, help="eval resize = size / crop_pct (0.875)")
-    parser.add_argument("--crop_min_scale", type=float, default=d.crop_min_scale, help="train crop area (0.08)")
+    parser.add_argument("--protocol", choices=("auto", "lbfgs", "sgd"), default=d.protocol,
+                        help="lbfgs: logistic regression on features extracted once, with the random-init and "
+                             "raw-pixel baselines (seconds); sgd: the paper's protocol; auto (default): lbfgs when "
+                             "the features fit in --probe_memory_gb")
+    parser.add_argument("--probe_memory_gb", type=float, default=d.probe_memory_gb,
+                        help=f"memory the lbfgs train features may take (default {d.probe_memory_gb:g})")
+    parser.add_argument("--crop_min_scale", type=float, default=None,
+                        help="sgd: train crop area (default the dataset's: 0.08; digits 0.6)")
+    parser.add_argument("--flip_prob", type=float, default=None,
+                        help="sgd: horizontal flip probability (default the dataset's: 0.5; digits 0)")
     parser.add_argument("--cached_features", action="store_true",
                         help="train on center-crop features computed once (no augmentation; fast, not the paper)")
     parser.add_argument("--num_workers", type=int, default=d.num_workers)
@@ -142,7 +174,8 @@ def main(argv=None) -> int:
         cfg = LinearEvalConfig(
             epochs=args.epochs, lr=args.lr, schedule=args.schedule, momentum=args.momentum,
             weight_decay=args.weight_decay, batch_size=args.batch_size, image_size=args.image_size,
-            crop_pct=args.crop_pct, crop_min_scale=args.crop_min_scale, cached_features=args.cached_features,
+            crop_pct=args.crop_pct, protocol=args.protocol, probe_memory_gb=args.probe_memory_gb,
+            crop_min_scale=args.crop_min_scale, flip_prob=args.flip_prob, cached_features=args.cached_features,
             num_workers=args.num_workers, seed=args.seed, max_train_samples=args.max_train_samples,
             max_eval_samples=args.max_eval_samples, mixed_precision=args.mixed_precision,
         )

@@ -15,7 +15,9 @@ Run it:
 Any config key can be overridden as `--key value`; the resolved config is written to output_dir/config.yaml.
 An output_dir that holds another run (its final model or checkpoints) is refused unless the run is resumed
 (`--resume_from_checkpoint auto`) or `--overwrite_output_dir true` says to start over. `--debug` shows the full
-traceback of an error (or set MOCO_HF_DEBUG=1).
+traceback of an error (or set MOCO_HF_DEBUG=1). On SIGTERM or SIGUSR1 (a scheduler's warning before it kills the job)
+the run finishes its step, saves a checkpoint and exits with status 75: requeue it with
+`--resume_from_checkpoint auto` (README, "Clusters").
 
 This file holds the configuration and the command line only, with no heavy imports, so that `--help` and mistakes
 in the arguments answer at once; the run itself is `moco_hf.pretraining.train`.
@@ -100,7 +102,7 @@ class PretrainConfig:
     shuffle_buffer: int = _key(10_000, "images in the streaming shuffle buffer", DATA)
     num_train_examples: int | None = _key(None, "size of the training split when the source does not say "
                                                 "(webdataset)", DATA)
-    augmentation: str = _key("cifar", "augmentation preset: v1, v2 or cifar", DATA)
+    augmentation: str = _key("cifar", "augmentation preset: v1, v2, cifar or digits (moco_hf/data/presets.py)", DATA)
     image_size: int = _key(32, "crop size in pixels", DATA)
     crop_min_scale: float | None = _key(0.4, "RandomResizedCrop minimum area fraction (none: the preset's, as "
                                              "published; the digits demo uses 0.4)", DATA)
@@ -135,7 +137,8 @@ class PretrainConfig:
 
     # kNN monitor (official CIFAR demo: k=200, t=0.1)
     knn_every_epochs: int = _key(5, "epochs between kNN evaluations (0: only before and after training)", KNN)
-    knn_k: int = _key(200, "neighbours that vote", KNN)
+    knn_k: int | None = _key(None, "neighbours that vote (none: the paper's 200, or a fifth of the smallest class "
+                                   "of the bank when that is fewer)", KNN)
     knn_t: float = _key(0.1, "temperature of the neighbours' weights exp(similarity / t)", KNN)
     knn_max_train_samples: int = _key(50_000, "images in the memory bank", KNN)
     knn_max_eval_samples: int = _key(10_000, "held-out images classified", KNN)
@@ -150,7 +153,7 @@ class PretrainConfig:
         choices = {
             "mixed_precision": ("no", "fp16", "bf16"),
             "lr_schedule": ("cosine", "step"),
-            "augmentation": ("v1", "v2", "cifar"),
+            "augmentation": ("v1", "v2", "cifar", "digits"),
             "gpu_augment": ("auto", "on", "off"),
             "device_decode": ("workers", "threads", "nvjpeg"),
             "device_cache": ("auto", "on", "off"),
@@ -160,7 +163,9 @@ class PretrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("batch_size", "image_size", "num_shards", "knn_k", "log_steps", "save_total_limit",
+        if self.knn_k is not None and self.knn_k < 1:
+            raise ValueError(f"knn_k must be >= 1 (or none for the automatic choice), got {self.knn_k}")
+        for name in ("batch_size", "image_size", "num_shards", "log_steps", "save_total_limit",
                      "embed_dim", "queue_size", "bn_splits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -363,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     from moco_hf.cli import run_command
+    from moco_hf.training import PREEMPTED
 
-    return run_command(PROG, lambda: train(cfg), debug=debug)
+    return run_command(PROG, lambda: PREEMPTED if train(cfg).preempted else 0, debug=debug)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import os
 import sys
 from typing import Callable
 
-# Exit statuses: 2 a mistake in the arguments, the config or the data; 1 the machine (memory, disk); 130 Ctrl-C.
+# Exit statuses: 2 a mistake in the arguments, the config or the data; 1 the machine (memory, disk); 130 Ctrl-C;
+# 75 stopped by a scheduler's signal with the state saved (`training.PREEMPTED`: requeue and resume).
 USAGE, MACHINE, INTERRUPTED = 2, 1, 130
 
 
@@ -19,9 +20,10 @@ def debug_requested(argv: list[str]) -> bool:
 
 
 def run_command(prog: str, fn: Callable[[], object], debug: bool = False) -> int:
-    """Call `fn()`; 0 when it returns, else print the error as one line and return the exit status."""
+    """Call `fn()`: its exit status when it returns one (an int), else 0; on an error, print it as one line and
+    return the error's status."""
     try:
-        fn()
+        result = fn()
     except KeyboardInterrupt:
         if debug:
             raise
@@ -34,7 +36,7 @@ def run_command(prog: str, fn: Callable[[], object], debug: bool = False) -> int
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)
         return status
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def describe(err: BaseException) -> tuple[str | None, int]:

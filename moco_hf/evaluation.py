@@ -1,6 +1,7 @@
-"""Evaluation of learned features.
+"""Evaluation of a saved model: its backbone and preprocessing (`load_backbone`), the paper's linear classification
+protocol, and the metrics record of a model folder. The fast comparisons (kNN, L-BFGS linear probe, label efficiency,
+against raw pixels and the random-init backbone) are `representation.py`.
 
-- the weighted kNN monitor (official CIFAR demo: k=200, t=0.1): `extract_features`, `knn_accuracy`;
 - the linear classification protocol of MoCo (official `main_lincls.py`): a linear classifier trained on the
   pooled features of the frozen backbone, kept in eval mode, with SGD lr 30, momentum 0.9, no weight decay,
   100 epochs, lr / 10 at epochs 60 and 80; RandomResizedCrop + flip for training, Resize 256 / CenterCrop 224 for
@@ -12,6 +13,7 @@ The preprocessing of a checkpoint comes from `preprocessing.py`, the labelled da
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,55 +24,26 @@ import torch.nn.functional as F
 
 from .data.labeled import ClassificationCollator, LabeledSplit, load_labeled_split, make_loader
 from .data.transforms import EvalTransform, TrainTransform
-from .preprocessing import Preprocessing, preprocessing_for
+from .preprocessing import Preprocessing, is_timm_folder, preprocessing_for, read_model_config
+from .representation import extract_features
 
 
-@torch.no_grad()
-def extract_features(backbone: torch.nn.Module, loader, device, channels_last: bool = False,
-                     autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised pooled features (N x D, fp32, on CPU) and labels (N) for every batch of `loader`."""
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
-            pooled = backbone(images)  # N x D (timm model without classifier)
-        features.append(F.normalize(pooled.float(), dim=1).cpu())
-        labels.append(torch.as_tensor(targets).cpu())
-    backbone.train(was_training)
-    if not features:
-        raise ValueError("no images to extract features from (empty or fully corrupt split)")
-    return torch.cat(features), torch.cat(labels)
+def load_backbone(model_dir: str | os.PathLike):
+    """(the timm backbone of a MoCo or timm-format folder, in eval mode; its `Preprocessing`)."""
+    config = read_model_config(model_dir)
+    preprocessing = preprocessing_for(model_dir)
+    if is_timm_folder(config):
+        import timm
 
+        import moco_hf  # noqa: F401  (registers the small-image ResNets a timm-format folder may name)
 
-@torch.no_grad()
-def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
-                k: int = 200, t: float = 0.1, chunk: int = 1024) -> torch.Tensor:
-    """Weighted kNN class predictions for `query` (B x D) against `bank` (N x D), both L2-normalised.
+        backbone = timm.create_model(f"local-dir:{os.fspath(model_dir)}", pretrained=True, num_classes=0)
+        return backbone.eval(), preprocessing
+    from .modeling_moco import MoCoForImageClassification, MoCoModel
 
-    Each of the k most similar bank features votes for its class with weight exp(similarity / t)
-    (Wu et al. 2018, as in the official MoCo CIFAR demo).
-    """
-    k = min(k, bank.shape[0])
-    predictions = []
-    for start in range(0, query.shape[0], chunk):
-        sim = query[start:start + chunk] @ bank.T  # B x N
-        weights, indices = sim.topk(k, dim=1)  # B x k
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype)
-        votes.scatter_add_(1, bank_labels[indices], (weights / t).exp())  # B x C
-        predictions.append(votes.argmax(dim=1))
-    return torch.cat(predictions)
-
-
-def knn_accuracy(train_features, train_labels, test_features, test_labels, k: int = 200, t: float = 0.1) -> float:
-    """Top-1 accuracy (%) of the weighted kNN classifier."""
-    num_classes = int(max(train_labels.max(), test_labels.max()).item()) + 1
-    predictions = knn_predict(test_features, train_features, train_labels, num_classes, k=k, t=t)
-    return 100.0 * (predictions == test_labels).float().mean().item()
+    classifier = "MoCoForImageClassification" in (config.get("architectures") or [])
+    model = (MoCoForImageClassification if classifier else MoCoModel).from_pretrained(model_dir)
+    return model.get_backbone().eval(), preprocessing
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,7 +182,9 @@ def run_linear_eval(model, train: LabeledSplit, evaluation: LabeledSplit, prepro
         def logits_of(inputs):
             return head(inputs)
     else:
-        train_transform = TrainTransform(size, mean, std, cfg.crop_min_scale, interpolation=preprocessing.interpolation)
+        train_transform = TrainTransform(size, mean, std, cfg.crop_min_scale or 0.08,
+                                         flip_prob=0.5 if cfg.flip_prob is None else cfg.flip_prob,
+                                         interpolation=preprocessing.interpolation)
         loader = make_loader(train.with_transform(train_transform), cfg.batch_size, collator, cfg.num_workers,
                              shuffle=True, seed=cfg.seed, pin_memory=pin)
 
@@ -272,9 +247,70 @@ def run_linear_eval(model, train: LabeledSplit, evaluation: LabeledSplit, prepro
         "linear_lr": cfg.lr,
         "linear_batch_size": cfg.batch_size,
         "linear_image_size": size,
-        "linear_protocol": "cached center-crop features" if cfg.cached_features else "RandomResizedCrop + flip",
+        "linear_protocol": f"SGD lr {cfg.lr:g}, {cfg.epochs} epochs, on "
+                           + ("cached center-crop features" if cfg.cached_features else
+                              f"RandomResizedCrop (scale {cfg.crop_min_scale or 0.08:g}-1)"
+                              + (" + flip" if (0.5 if cfg.flip_prob is None else cfg.flip_prob) > 0 else "")),
         "linear_train_images": len(train),
         "linear_eval_images": total,
+        "linear_skipped_images": collator.skipped,
+    })
+    return metrics
+
+
+def _pairs(loader):
+    """(images, labels) batches of a `make_loader` loader, its empty (all corrupt) batches left out."""
+    return ((batch["pixel_values"], batch["labels"]) for batch in loader if batch is not None)
+
+
+def run_probe(model, train: LabeledSplit, evaluation: LabeledSplit, preprocessing: Preprocessing, cfg,
+              device: torch.device | None = None, log=print) -> dict:
+    """The lbfgs protocol: center-crop features of the frozen backbone extracted once, a logistic regression fitted
+    to convergence (`representation.logistic_probe`), and the same probe on the backbone at its random
+    initialisation (seed `cfg.seed`) and on the raw pixels (where they fit in `cfg.probe_memory_gb`) as baselines.
+    Returns `linear_top1` (%), `linear_top1_random_init`, `linear_top1_pixels` and the run's settings."""
+    from .modeling_moco import MoCoForImageClassification
+    from .representation import FeatureSet, logistic_probe
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    snapshot = backbone_snapshot(model)
+    autocast_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+    size = preprocessing.image_size
+    transform = EvalTransform(size, preprocessing.mean, preprocessing.std, crop_pct=cfg.crop_pct,
+                              interpolation=preprocessing.interpolation)
+    collator = ClassificationCollator()
+    loaders = [make_loader(split.with_transform(transform), cfg.batch_size, collator, cfg.num_workers,
+                           pin_memory=device.type == "cuda") for split in (train, evaluation)]
+    pixels = len(train) * 3 * size * size * 4 <= cfg.probe_memory_gb * 2**30
+    start = time.perf_counter()
+
+    def sets(backbone, with_pixels):
+        bank = extract_features(backbone.to(device), _pairs(loaders[0]), device, autocast_dtype=autocast_dtype,
+                                pixels=with_pixels)
+        test = extract_features(backbone, _pairs(loaders[1]), device, autocast_dtype=autocast_dtype,
+                                pixels=with_pixels)
+        learned = FeatureSet(bank[0], bank[1], test[0], test[1])
+        return (learned, FeatureSet(bank[2], bank[1], test[2], test[1])) if with_pixels else (learned,)
+
+    learned, *raw = sets(model.get_backbone(), pixels)
+    check_backbone_unchanged(model, snapshot)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        fresh = MoCoForImageClassification(model.config).get_backbone()
+    random_init = sets(fresh, False)[0]
+    log(f"features: {tuple(learned.train.shape)} train, {tuple(learned.test.shape)} eval "
+        f"({time.perf_counter() - start:.1f}s)")
+    metrics = {}
+    for name, features in (("", learned), ("_random_init", random_init), *((("_pixels", raw[0]),) if raw else ())):
+        top1, l2 = logistic_probe(features, seed=cfg.seed)
+        metrics[f"linear_top1{name}"] = top1
+        metrics[f"linear_l2{name}"] = l2
+    metrics.update({
+        "linear_protocol": "logistic regression on frozen center-crop features (L-BFGS, L2 penalty chosen on a "
+                           "held-out fifth of the train split)",
+        "linear_image_size": size,
+        "linear_train_images": len(learned.train_labels),
+        "linear_eval_images": len(learned.test_labels),
         "linear_skipped_images": collator.skipped,
     })
     return metrics
@@ -302,7 +338,7 @@ def linear_evaluation(
     shows `linear_top1`); with `output_dir`, the trained classifier is saved there (save_pretrained, image processor,
     metrics.json). An `output_dir` that holds a saved model is refused (ValueError) unless `overwrite_output_dir`,
     and is replaced only once the evaluation has finished."""
-    from .run_folder import MODEL_FILES, check_model_output_dir, clear_run, share_files
+    from .run_folder import check_model_output_dir
 
     if output_dir:
         check_model_output_dir(str(output_dir), overwrite_output_dir)
@@ -315,8 +351,28 @@ def linear_evaluation(
     evaluation = load_labeled_split(eval_split, label_names=train.label_names, max_samples=cfg.max_eval_samples,
                                     **common)
     model = load_linear_classifier(model_dir, train.label_names)
+    protocol = cfg.protocol
+    if protocol == "auto":
+        fits = len(train) * model.classifier.in_features * 4 <= cfg.probe_memory_gb * 2**30
+        protocol = "lbfgs" if fits else "sgd"
+    if protocol == "lbfgs":
+        log(f"linear probe of {model_dir} ({model.config.backbone}, {model.classifier.in_features}-d features): "
+            f"{len(train)} train / {len(evaluation)} eval images, {len(train.label_names)} classes; logistic "
+            f"regression with L-BFGS, against the random-init backbone and the raw pixels")
+        metrics = run_probe(model, train, evaluation, preprocessing, cfg, device=device, log=log)
+        baselines = ", ".join(f"{name} {metrics[key]:.2f}%" for name, key in (
+            ("random init", "linear_top1_random_init"), ("raw pixels", "linear_top1_pixels")) if key in metrics)
+        log(f"linear probe top-1 {metrics['linear_top1']:.2f}% on '{eval_split}' ({baselines}); backbone unchanged")
+        return _record_linear(model, model_dir, output_dir, overwrite_output_dir, record, metrics, preprocessing,
+                              cfg, eval_split)
+    from .data.labeled import supervised_augmentation
+
+    cfg = dataclasses.replace(cfg, **supervised_augmentation(dataset_name, train_dir, cfg.crop_min_scale,
+                                                              cfg.flip_prob))
     size = preprocessing.image_size
-    train_views = "cached center-crop features" if cfg.cached_features else f"train RandomResizedCrop {size} + flip"
+    train_views = ("cached center-crop features" if cfg.cached_features else
+                   f"train RandomResizedCrop {size} (scale {cfg.crop_min_scale:g}-1)"
+                   + (f" + flip (p {cfg.flip_prob:g})" if cfg.flip_prob else ", no flip"))
     log(f"linear evaluation of {model_dir} ({model.config.backbone}, {model.classifier.in_features}-d features): "
         f"{len(train)} train / {len(evaluation)} eval images, {len(train.label_names)} classes; {cfg.epochs} epochs, "
         f"batch {cfg.batch_size}, SGD lr {cfg.lr:g} (/10 at epochs {list(cfg.schedule)}), momentum {cfg.momentum}, "
@@ -325,6 +381,16 @@ def linear_evaluation(
     metrics = run_linear_eval(model, train, evaluation, preprocessing, cfg, device=device, log=log)
     top5 = f", top-5 {metrics['linear_top5']:.2f}%" if "linear_top5" in metrics else ""
     log(f"linear evaluation top-1 {metrics['linear_top1']:.2f}%{top5} on '{eval_split}'; backbone unchanged")
+    return _record_linear(model, model_dir, output_dir, overwrite_output_dir, record, metrics, preprocessing, cfg,
+                          eval_split)
+
+
+def _record_linear(model, model_dir, output_dir, overwrite_output_dir: bool, record: bool, metrics: dict,
+                   preprocessing: Preprocessing, cfg, eval_split: str) -> dict:
+    """Merge the metrics into model_dir/metrics.json (`record`); save the classifier into `output_dir`."""
+    from .run_folder import MODEL_FILES, clear_run, share_files
+
+    metrics = {**metrics, "linear_eval_split": f"'{eval_split}' ({metrics['linear_eval_images']} images)"}
     if record:
         record_metrics(model_dir, metrics)
     if output_dir:

@@ -212,16 +212,6 @@ def _files_with_secrets(folder: Path, secrets: list[str]) -> list[str]:
 
 
 
-def _find_metric(metrics: dict[str, Any], *needles: tuple[str, ...]) -> tuple[str, float] | None:
-    for key, value in metrics.items():
-        low = key.lower().replace("-", "").replace("_", "")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and all(
-            any(n in low for n in alternatives) for alternatives in needles
-        ):
-            return key, float(value)
-    return None
-
-
 def build_model_card(
     model_dir: str | os.PathLike,
     repo_id: str,
@@ -232,8 +222,10 @@ def build_model_card(
     config: MoCoConfig | None = None,
 ) -> ModelCard:
     """The README.md of the main repository: metadata (library transformers, pipeline image-feature-extraction,
-    tags, license, datasets), the MoCo configuration, the training configuration and metrics recorded in
-    `model_dir` (kNN accuracy, linear top-1 where present) and copy-paste usage for transformers, moco_hf and timm.
+    tags, license, datasets); the results recorded in `model_dir` (a table of top-1 accuracies with protocol,
+    split and the random-init and raw-pixel baselines, the label-efficiency rows, linear evaluation and
+    fine-tuning where present, the pictures); the MoCo and the training configuration (each key once) and
+    copy-paste usage for transformers, moco_hf and timm.
     """
     config = config or MoCoConfig.from_pretrained(model_dir)
     backbone_repo_id = backbone_repo_id or f"{repo_id}{BACKBONE_REPO_SUFFIX}"
@@ -241,14 +233,11 @@ def build_model_card(
     training = {}
     for name in ("training_config.json", "training_args.json"):
         training.update(flat_scalars(records.get(name, {})))
-    metrics = flat_scalars(records.get("metrics.json", {}))
     if not datasets:
         names = ("dataset_name", "dataset", "data.dataset")
         found = next((training[k] for k in names if isinstance(training.get(k), str)), None)
         datasets = [found] if found and _is_repo_id(found) else None
 
-    knn = _find_metric(metrics, ("knn",), ("acc", "top1"))
-    linear = _find_metric(metrics, ("linear", "lincls"), ("top1", "acc"))
     version = "v2" if config.mlp_head else "v1"
     is_classifier = "MoCoForImageClassification" in (config.architectures or [])
     data = ModelCardData(
@@ -272,22 +261,102 @@ def build_model_card(
         "",
         "## Results",
         "",
+        *_results(records.get("metrics.json", {}), training, config, model_dir),
     ]
-    if knn or linear or metrics:
-        if knn:
-            lines.append(f"- kNN accuracy (`{knn[0]}`): **{knn[1]:g}**")
-        if linear:
-            lines.append(f"- linear evaluation top-1 (`{linear[0]}`): **{linear[1]:g}**")
-        lines += ["", "All metrics recorded by the run (`metrics.json`):", "", *_table(metrics)]
-    else:
-        lines.append("No metrics were recorded with this checkpoint.")
     hidden = ("transformers_version", "architectures", "model_type", "dtype", "auto_map")
     model_config = {k: v for k, v in flat_scalars(config.to_diff_dict()).items() if k.split(".")[0] not in hidden}
     lines += ["", "## Model configuration", "", *_table(model_config)]
+    training = {k: v for k, v in training.items() if k not in model_config}  # each key once
     if training:
         lines += ["", "## Training configuration", "", *_table(training)]
     lines += ["", "## Usage", "", _usage(repo_id, backbone_repo_id, config.backbone)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+# Metrics shown in the results table, with their protocol, and the keys of their baselines.
+_ROWS = (
+    ("kNN", "knn_acc", ("knn_random_init", "knn_pixels")),
+    ("linear probe", "probe_acc", ("probe_random_init", "probe_pixels")),
+)
+_PICTURES = {"nearest_neighbours.png": "nearest neighbours", "feature_map.png": "feature map"}
+
+
+def _pct(value) -> str:
+    return f"{value:.2f} %" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _recipe(config: MoCoConfig, training: dict[str, Any]) -> str:
+    """The recipe in one line, from the model and the training configuration."""
+    version = "v2" if config.mlp_head else "v1"
+    parts = [f"MoCo {version}", f"`{config.backbone}`"]
+    if isinstance(training.get("steps"), int):
+        parts.append(f"{training['steps']} steps")
+    elif training.get("num_epochs"):
+        parts.append(f"{training['num_epochs']} epochs")
+    if training.get("batch_size"):
+        parts.append(f"batch {training['batch_size']}")
+    parts += [f"K {config.queue_size}", f"m {config.momentum:g}", f"tau {config.tau:g}"]
+    if training.get("base_lr") is not None:
+        lr = training["base_lr"] * training.get("batch_size", 256) / 256
+        parts.append(f"SGD lr {lr:g} ({training.get('lr_schedule', 'cosine')})")
+    if training.get("augmentation"):
+        crop = training.get("crop_min_scale")
+        parts.append(f"augmentation {training['augmentation']}" + (f" (crops {crop:g}-1)" if crop else ""))
+    if training.get("image_size"):
+        parts.append(f"{training['image_size']} px")
+    return ", ".join(parts)
+
+
+def _results(metrics: dict[str, Any], training: dict[str, Any], config: MoCoConfig, model_dir) -> list[str]:
+    """The results section: training data and recipe, one table of top-1 accuracies with protocol, split and the
+    baselines, the label-efficiency rows, the pictures, then the other recorded metrics (each key once)."""
+    if not metrics:
+        return ["No metrics were recorded with this checkpoint."]
+    evaluation = metrics.get("evaluation") if isinstance(metrics.get("evaluation"), dict) else {}
+    dataset = evaluation.get("dataset") or training.get("dataset_name") or "a local or embedded dataset"
+    lines = [f"Trained on {dataset}. Recipe: {_recipe(config, training)}.", ""]
+    shown = {"evaluation", "label_efficiency", "pictures"}
+    split = evaluation.get("split", f"'{training.get('eval_split', 'test')}'")
+    rows = []
+    for name, key, baselines in _ROWS:
+        if key in metrics:
+            protocol = evaluation.get("knn" if key.startswith("knn") else "probe", "")
+            if key == "knn_acc" and "knn_k" in metrics and not protocol:
+                protocol = f"weighted kNN, k={metrics['knn_k']}"
+            rows.append(f"| {name} | {protocol} | {split} | **{_pct(metrics[key])}** | "
+                        f"{_pct(metrics.get(baselines[0]))} | {_pct(metrics.get(baselines[1]))} |")
+            shown |= {key, *baselines, "knn_k"}
+    for fraction, values in (metrics.get("label_efficiency") or {}).items():
+        if fraction != "100%" and isinstance(values, dict):
+            rows.append(f"| linear probe, {fraction.replace('%', ' %')} of the labels | class-balanced subset of "
+                        f"the bank | {split} | **{_pct(values.get('learned'))}** | {_pct(values.get('random_init'))} | "
+                        f"{_pct(values.get('pixels'))} |")
+    linear = next((k for k in metrics if k in ("linear_top1", "lincls_top1")), None)
+    if linear:
+        protocol = metrics.get("linear_protocol", "SGD on frozen features (linear_eval.py)")
+        rows.append(f"| linear evaluation | {protocol} | {metrics.get('linear_eval_split', split)} | "
+                    f"**{_pct(metrics[linear])}** | {_pct(metrics.get(f'{linear}_random_init'))} | "
+                    f"{_pct(metrics.get(f'{linear}_pixels'))} |")
+        shown |= {linear, f"{linear}_random_init", f"{linear}_pixels", "linear_protocol", "linear_eval_split"}
+    if "finetune_top1" in metrics:
+        rows.append(f"| fine-tuned | the whole network (finetune.py) | {split} | **{_pct(metrics['finetune_top1'])}** "
+                    f"| - | - |")
+        shown |= {"finetune_top1"}
+    if rows:
+        lines += ["| top-1 accuracy | protocol | evaluated on | this model | random init | raw pixels |",
+                  "| --- | --- | --- | --- | --- | --- |", *rows, ""]
+        if evaluation.get("bank"):
+            baselines = evaluation.get("baselines", "the backbone at random initialisation and raw pixels")
+            lines.append(f"Bank (kNN) and probe training data: {evaluation['bank']}. Baselines, with the same "
+                         f"protocol: {baselines}.")
+            lines.append("")
+    pictures = [name for name in _PICTURES if (Path(model_dir) / name).is_file()]
+    for name in pictures:
+        lines += [f"![{_PICTURES[name]}]({name})", ""]
+    rest = {k: v for k, v in flat_scalars(metrics).items() if k.split(".")[0] not in shown}
+    if rest:
+        lines += ["Other metrics recorded by the run (`metrics.json`):", "", *_table(rest)]
+    return lines
 
 
 def _table(values: dict[str, Any]) -> list[str]:
@@ -445,6 +514,9 @@ def _build_staging(model, model_dir, out: Path, repo_id: str, backbone_repo_id: 
         pickled.unlink()
 
     save_image_processor(model, out, data_config)
+    for picture in _PICTURES:  # shown by the model card on the Hub page
+        if (Path(model_dir) / picture).is_file():
+            shutil.copy(Path(model_dir) / picture, out / picture)
     build_model_card(
         model_dir, repo_id, backbone_repo_id=backbone_repo_id, license=license, datasets=datasets, config=model.config
     ).save(out / "README.md")

@@ -13,7 +13,9 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import time
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -24,19 +26,19 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
-from datasets.distributed import split_dataset_by_node
 
 from .configuration_moco import MoCoConfig
 from .data.decode import ThreadDecoder
 from .data.gpu_augment import MoCoGPUAugment
-from .data.sources import integer_labels, label_index, load_source
+from .data.sources import ProcessShards, integer_labels, label_index, load_source
 from .data.streams import EncodedStream, LabeledStream, TwoViewStream, collate_encoded, collate_two_views
 from .data.transforms import EvalTransform, TwoViewTransform
-from .evaluation import extract_features, knn_accuracy, record_metrics
+from .evaluation import record_metrics
+from .representation import FeatureSet, auto_knn_k, compare, extract_features, format_results, knn_accuracy
 from .modeling_moco import MoCoModel
 from .preprocessing import default_data_config, save_image_processor
 from .run_folder import check_output_dir, clear_run, save_checkpoint, share_files, write_run_config
-from .training import StepProfiler, TrainState, lr_at, uses_cuda_graphs
+from .training import StepProfiler, StopSignals, TrainState, lr_at, uses_cuda_graphs
 from .views import BatchStream, CachedViews, CPUViews, DeviceImageCache, GPUViews, ImageChunk
 
 logger = logging.getLogger("pretrain")
@@ -120,19 +122,24 @@ def chunk_size(batch: int, largest: int = 32) -> int:
 
 
 def build_train_loader(cfg, accelerator, stats: dict, gpu: bool = False):
-    """(dataset, loader, number of examples) of this process's part of the training stream.
+    """(dataset, loader, images per epoch over all processes) of this process's part of the training stream.
 
+    Each process reads its own shards (`ProcessShards`): a local folder is cut into a multiple of processes x
+    workers shards, so every process and worker gets the same share; the loader is not passed through
+    accelerator.prepare, which would split the stream a second time.
     CPU path: workers decode and augment (PIL), chunks are (view_q, view_k, skipped names).
     GPU path: workers read encoded bytes only, chunks are (flat bytes, lengths, skipped names, names).
     """
+    parts = accelerator.num_processes * max(1, cfg.num_workers)
     source = load_source(
         cfg.train_split, cfg.dataset_name, cfg.dataset_config, cfg.train_dir, cfg.image_column, cfg.label_column,
-        num_shards=max(cfg.num_shards, accelerator.num_processes * max(1, cfg.num_workers)),
-        demo_image_size=cfg.image_size,
+        num_shards=-(-cfg.num_shards // parts) * parts, demo_image_size=cfg.image_size,
     )
-    stream = source.dataset.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
-    # Split the stream here and never again: the loader below is not passed through accelerator.prepare.
-    stream = split_dataset_by_node(stream, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    stream = ProcessShards(source.dataset, accelerator.num_processes, accelerator.process_index, cfg.seed,
+                           cfg.shuffle_buffer, cfg.num_workers)
+    accelerator.print(f"data: {stream.describe(source.num_examples)}")
+    if stream.reads_everything:
+        logger.warning("data: %s", stream.describe(source.num_examples))
     if gpu:
         dataset = EncodedStream(stream, source.image_column, decode=cfg.device_decode == "workers",
                                 unshuffled=source.dataset)
@@ -143,7 +150,17 @@ def build_train_loader(cfg, accelerator, stats: dict, gpu: bool = False):
         collate = collate_two_views
     loader = chunk_loader(cfg, dataset, collate, chunk_size(cfg.batch_size // accelerator.num_processes),
                           pin_memory=accelerator.device.type == "cuda" and not (gpu and cfg.device_decode == "threads"))
-    return dataset, loader, source.num_examples
+    total = source.num_examples or cfg.num_train_examples  # webdataset shards do not say: num_train_examples
+    return dataset, loader, int(total * stream.epoch_fraction()) if total else None
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave the scheduler's stop signals to the training process (`StopSignals`), which saves and
+    stops after the current step: killed by them, a worker would end the run before the save."""
+    import signal
+
+    for sig in StopSignals.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def chunk_loader(cfg, dataset, collate, chunk: int, pin_memory: bool):
@@ -159,15 +176,23 @@ def chunk_loader(cfg, dataset, collate, chunk: int, pin_memory: bool):
         pin_memory=pin_memory,
         generator=torch.Generator(),  # keeps loader seeding off the global RNG (exact resume)
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
     )
 
 
-def build_knn_loaders(cfg, stats: dict):
-    """(memory-bank loader, test loader) for the kNN monitor, or None when there is no labelled eval split."""
+class KnnData(NamedTuple):
+    bank: torch.utils.data.DataLoader  # the training split (capped at knn_max_train_samples), in a fixed order
+    test: torch.utils.data.DataLoader  # the held-out split (capped at knn_max_eval_samples)
+    class_names: list[str] | None
+
+
+def build_knn_loaders(cfg, stats: dict) -> KnnData | None:
+    """The kNN monitor's loaders (eval transform: resize and center crop to image_size), or None when there is no
+    labelled eval split."""
     if not cfg.eval_split:
         return None
     transform = EvalTransform(cfg.image_size, stats["mean"], stats["std"], crop_pct=1.0)
-    loaders, label_map = [], None
+    loaders, label_map, names = [], None, None
     for split, limit in ((cfg.train_split, cfg.knn_max_train_samples), (cfg.eval_split, cfg.knn_max_eval_samples)):
         try:
             source = load_source(split, cfg.dataset_name, cfg.dataset_config, cfg.train_dir, cfg.image_column,
@@ -180,27 +205,67 @@ def build_knn_loaders(cfg, stats: dict):
             return None
         # A fixed shuffle before the cap, so a capped bank is not just the first classes of a sorted folder.
         subset = source.dataset.shuffle(seed=0, buffer_size=cfg.shuffle_buffer).take(limit)
-        if not loaders and not integer_labels(source.dataset, source.label_column):
-            label_map = label_index(subset, source.label_column)  # class names: the bank's, for both splits
+        if not loaders:
+            if not integer_labels(source.dataset, source.label_column):
+                label_map = label_index(subset, source.label_column)  # class names: the bank's, for both splits
+                names = list(label_map)
+            else:
+                names = getattr((source.dataset.features or {}).get(source.label_column), "names", None)
         stream = LabeledStream(subset, source.image_column, source.label_column, transform, label_map=label_map)
         loaders.append(torch.utils.data.DataLoader(stream, batch_size=256, num_workers=min(cfg.num_workers, 1),
-                                                   generator=torch.Generator()))
-    return tuple(loaders)
+                                                   generator=torch.Generator(), worker_init_fn=ignore_stop_signals))
+    return KnnData(*loaders, names)
 
 
-def run_knn(backbone, loaders, cfg, device) -> float:
-    bank, bank_labels = extract_features(backbone, loaders[0], device, cfg.channels_last)
-    test, test_labels = extract_features(backbone, loaders[1], device, cfg.channels_last)
-    return knn_accuracy(bank, bank_labels, test, test_labels, k=cfg.knn_k, t=cfg.knn_t)
+class KnnMonitor:
+    """The kNN monitor on the held-out split (`run_knn`), and at the end the comparison of the learned backbone
+    with its two baselines, the same backbone at its random initialisation and the raw pixels, by kNN and linear
+    probe at 1 %, 10 % and 100 % of the labels (`representation.compare`). k: `knn_k`, or by default
+    `representation.auto_knn_k` of the bank."""
 
+    PIXEL_BUDGET = 2 * 2**30  # bytes of flattened bank images kept for the raw-pixel baseline
 
-def random_init_knn(cfg, loaders, device) -> float:
-    """kNN accuracy of the same backbone at its random initialisation (same seed), leaving the RNG untouched."""
-    cuda_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):  # manual_seed also seeds CUDA: keep its state too
-        torch.manual_seed(cfg.seed)
-        fresh = build_model(cfg).to(device)
-    return run_knn(fresh.get_backbone(), loaders, cfg, device)
+    def __init__(self, cfg, data: KnnData, device: torch.device):
+        self.cfg, self.data, self.device = cfg, data, device
+        self.k = cfg.knn_k
+        self.baselines: dict[str, FeatureSet] = {}
+
+    def features(self, backbone, pixels: bool = False):
+        """FeatureSet of `backbone` (and of the raw pixels with `pixels`)."""
+        bank = extract_features(backbone, self.data.bank, self.device, self.cfg.channels_last, pixels=pixels)
+        test = extract_features(backbone, self.data.test, self.device, self.cfg.channels_last, pixels=pixels)
+        learned = FeatureSet(bank[0], bank[1], test[0], test[1])
+        if self.k is None:
+            self.k = auto_knn_k(learned.train_labels)
+        return (learned, FeatureSet(bank[2], bank[1], test[2], test[1])) if pixels else learned
+
+    def start(self) -> float:
+        """Features of the random-init backbone (same seed as the run) and of the pixels; the former's kNN."""
+        cfg, device = self.cfg, self.device
+        cuda_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):  # manual_seed also seeds CUDA: keep its state too
+            torch.manual_seed(cfg.seed)
+            fresh = build_model(cfg).to(device)
+        pixel_bytes = 4 * 3 * cfg.image_size**2 * cfg.knn_max_train_samples
+        pixels = pixel_bytes <= self.PIXEL_BUDGET
+        sets = self.features(fresh.get_backbone(), pixels=pixels)
+        self.baselines["random_init"] = sets[0] if pixels else sets
+        if pixels:
+            self.baselines["pixels"] = sets[1]
+        else:
+            logger.warning("no raw-pixel baseline: the bank's images would take %.1f GiB", pixel_bytes / 2**30)
+        return self.accuracy_of(self.baselines["random_init"])
+
+    def accuracy_of(self, features: FeatureSet) -> float:
+        return knn_accuracy(features.train, features.train_labels, features.test, features.test_labels,
+                            k=self.k, t=self.cfg.knn_t)
+
+    def accuracy(self, backbone) -> float:
+        return self.accuracy_of(self.features(backbone))
+
+    def compare(self, backbone) -> tuple[dict, FeatureSet]:
+        learned = self.features(backbone)
+        return compare({"learned": learned, **self.baselines}, k=self.k, t=self.cfg.knn_t, seed=self.cfg.seed), learned
 
 
 def decode_threads(cfg) -> int:
@@ -282,6 +347,7 @@ class TrainResult:
     metrics: dict
     model: MoCoModel  # unwrapped, on this process's device
     state: TrainState
+    preempted: bool = False  # stopped by a scheduler's signal, its state saved: resume with `auto`
 
 
 @dataclasses.dataclass
@@ -299,10 +365,11 @@ class Run:
     stats: dict
     steps_per_epoch: int
     total_steps: int
-    knn_loaders: tuple | None
+    knn: KnnMonitor | None
     decoder: ThreadDecoder | None
     cuda_graphs: bool
     skipped: list = dataclasses.field(default_factory=list)  # corrupt images met before the loop (device cache)
+    saved_step: int = -1  # the step of the last checkpoint this run saved
     metrics: dict = dataclasses.field(default_factory=dict)
     history: dict = dataclasses.field(default_factory=lambda: {"step": [], "loss": [], "knn_step": [], "knn": []})
 
@@ -330,7 +397,6 @@ def start(cfg) -> Run:
     stats = data_stats(model)
     gpu_views = use_gpu_augment(cfg, accelerator.device)
     dataset, loader, num_examples = build_train_loader(cfg, accelerator, stats, gpu=gpu_views)
-    num_examples = num_examples or cfg.num_train_examples
     if num_examples is None:
         raise ValueError("the dataset does not say how many images it has (e.g. webdataset shards); set "
                          "num_train_examples, which defines epochs for the schedule, kNN monitor and logs")
@@ -392,7 +458,8 @@ def start(cfg) -> Run:
     if accelerator.log_with:  # `report_to` (empty when it is none, or tensorboard is not installed)
         accelerator.init_trackers("moco", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                   for k, v in dataclasses.asdict(cfg).items()})
-    knn_loaders = build_knn_loaders(cfg, stats) if accelerator.is_main_process else None
+    knn_data = build_knn_loaders(cfg, stats) if accelerator.is_main_process else None
+    knn = KnnMonitor(cfg, knn_data, accelerator.device) if knn_data else None
 
     per_process = cfg.batch_size // accelerator.num_processes
     rank, device = accelerator.process_index, accelerator.device
@@ -415,13 +482,13 @@ def start(cfg) -> Run:
     else:
         views.restore_carry(*saved_carry)
     run = Run(cfg, accelerator, prepared, accelerator.unwrap_model(prepared), optimizer, scheduler, state, views,
-              stats, steps_per_epoch, total_steps, knn_loaders, decoder,
+              stats, steps_per_epoch, total_steps, knn, decoder,
               cuda_graphs=compile and uses_cuda_graphs(cfg.compile_mode, device))
     if cache is not None and state.step == 0:
         run.skipped = list(cache.skipped)
-    if knn_loaders:
-        run.metrics["knn_random_init"] = random_init_knn(cfg, knn_loaders, device)
-        accelerator.print(f"kNN accuracy at random init: {run.metrics['knn_random_init']:.2f}%")
+    if knn:
+        run.metrics["knn_random_init"] = knn.start()
+        accelerator.print(f"kNN accuracy (k={knn.k}) at random init: {run.metrics['knn_random_init']:.2f}%")
     return run
 
 
@@ -433,27 +500,37 @@ def train(cfg) -> TrainResult:
     window = LogWindow(run, stop_at)
     profiler = StepProfiler(cfg, state.step, accelerator) if cfg.profile_steps > 0 else None
     run.model.train()
-    while state.step < stop_at:
-        if profiler is not None:
-            profiler.before_step(state.step)
-        out = train_step(run, window)
-        if profiler is not None:
-            profiler.after_step(state.step)
-        window.after_step(out)
-        knn_hook(run)
-        checkpoint_hook(run, window, stop_at)
+    preempted = None
+    with StopSignals() as signals:
+        while state.step < stop_at:
+            if profiler is not None:
+                profiler.before_step(state.step)
+            out = train_step(run, window)
+            if profiler is not None:
+                profiler.after_step(state.step)
+            window.after_step(out)
+            knn_hook(run)
+            checkpoint_hook(run, window, stop_at)
+            if signals.requested(accelerator.device):
+                preempted = signals.received
+                if run.saved_step != state.step:
+                    save(run, window)
+                break
     window.close()
     if profiler is not None:
         profiler.close(state.step)
     if run.decoder is not None:
         run.decoder.close()
-    if state.step < run.total_steps:
+    if preempted:
+        accelerator.print(f"stopped at step {state.step} of {run.total_steps} on {preempted}, its state saved; "
+                          f"resume with --resume_from_checkpoint auto")
+    elif state.step < run.total_steps:
         accelerator.print(f"stopped at step {state.step} of {run.total_steps} (stop_after_steps); resume with "
                           f"--resume_from_checkpoint auto")
     else:
         run.metrics = finish(run)
     accelerator.end_training()
-    return TrainResult(run.metrics, run.unwrapped, state)
+    return TrainResult(run.metrics, run.unwrapped, state, preempted=preempted is not None)
 
 
 def train_step(run: Run, window: LogWindow):
@@ -557,10 +634,10 @@ def knn_hook(run: Run) -> None:
     """kNN accuracy every `knn_every_epochs` epochs (the last one is measured by `finish`)."""
     cfg, step = run.cfg, run.state.step
     epoch = step // run.steps_per_epoch
-    if not run.knn_loaders or step % run.steps_per_epoch or cfg.knn_every_epochs <= 0 \
+    if not run.knn or step % run.steps_per_epoch or cfg.knn_every_epochs <= 0 \
             or epoch % cfg.knn_every_epochs or step >= run.total_steps:
         return
-    acc = run_knn(run.unwrapped.get_backbone(), run.knn_loaders, cfg, run.accelerator.device)
+    acc = run.knn.accuracy(run.unwrapped.get_backbone())
     run.history["knn_step"].append(step)
     run.history["knn"].append(acc)
     run.accelerator.log({"knn_acc": acc}, step=step)
@@ -568,28 +645,39 @@ def knn_hook(run: Run) -> None:
 
 
 def checkpoint_hook(run: Run, window: LogWindow, stop_at: int) -> None:
-    """A checkpoint every `save_steps` and when the run stops early, with every process's data position."""
+    """A checkpoint every `save_steps` and when the run stops early."""
+    cfg, state = run.cfg, run.state
+    if (cfg.save_steps > 0 and state.step % cfg.save_steps == 0) or (state.step == stop_at < run.total_steps):
+        save(run, window)
+
+
+def save(run: Run, window: LogWindow) -> None:
+    """A checkpoint of every process's state, with every process's data position."""
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
-    if not ((cfg.save_steps > 0 and state.step % cfg.save_steps == 0) or (state.step == stop_at < run.total_steps)):
-        return
     position = torch.tensor([[state.data_epoch, state.batches_in_epoch, run.views.position_unit,
                               *run.views.carry_position()]], device=accelerator.device)
     state.positions = accelerator.gather(position).tolist()
     window.count_skipped()  # corrupt images since the last log go into the checkpoint too
     path = save_checkpoint(accelerator, cfg.output_dir, state.step, cfg.save_total_limit, dataclasses.asdict(cfg))
+    run.saved_step = state.step
     accelerator.print(f"\nsaved {path}")
 
 
 def finish(run: Run) -> dict:
-    """Final kNN, save_pretrained to output_dir/final with the run's metrics, loss/kNN plot."""
+    """The final evaluation against the baselines, save_pretrained to output_dir/final with the run's metrics, the
+    curves and the pictures."""
     cfg, accelerator, unwrapped, state = run.cfg, run.accelerator, run.unwrapped, run.state
     metrics = {**run.metrics, "steps": state.step, "skipped_images": state.skipped_images,
                "skipped_image_names": state.skipped_names[:RECORDED_NAMES]}
-    if run.knn_loaders:
-        metrics["knn_acc"] = run_knn(unwrapped.get_backbone(), run.knn_loaders, cfg, accelerator.device)
+    results, learned = run.knn.compare(unwrapped.get_backbone()) if run.knn else (None, None)
+    if results:
+        metrics.update(evaluation_metrics(cfg, results, learned))
         run.history["knn_step"].append(state.step)
         run.history["knn"].append(metrics["knn_acc"])
-        accelerator.log({"knn_acc": metrics["knn_acc"]}, step=state.step)
+        accelerator.log({"knn_acc": metrics["knn_acc"],
+                         **{f"final/knn_{kind}": value for kind, value in results["knn"].items()},
+                         **{f"final/probe_{kind}": value for kind, value in results["probe"].items()}},
+                        step=state.step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = os.path.join(cfg.output_dir, "final")
@@ -599,20 +687,75 @@ def finish(run: Run) -> dict:
             json.dump({**dataclasses.asdict(cfg), "mean": list(run.stats["mean"]), "std": list(run.stats["std"]),
                        "eval_crop_pct": 1.0, "interpolation": "bilinear"}, f, indent=2)
         save_image_processor(unwrapped, final, default_data_config(final))  # AutoImageProcessor reads the folder
-        record_metrics(final, metrics)
-        share_files(final)
         plot_history(run.history, os.path.join(cfg.output_dir, "training_curves.png"),
                      metrics.get("knn_random_init"), cfg.eval_split)
-        if "knn_acc" in metrics:
-            accelerator.print(
-                f"kNN accuracy (k={cfg.knn_k}, t={cfg.knn_t}) on '{cfg.eval_split}': "
-                f"learned {metrics['knn_acc']:.2f}% vs random init {metrics.get('knn_random_init', float('nan')):.2f}%"
-            )
+        if results:
+            pictures = draw_pictures(run, learned, final)
+            metrics["pictures"] = sorted(pictures)
+            accelerator.print(format_results(results, metrics["evaluation"]["dataset"],
+                                             metrics["evaluation"]["bank"], metrics["evaluation"]["split"]))
+        record_metrics(final, metrics)
+        share_files(final)
         if state.skipped_images:
             accelerator.print(f"skipped {state.skipped_images} corrupt image(s), named in final/metrics.json "
                               f"(skipped_image_names)")
         accelerator.print(f"saved the final model to {final}")
     return metrics
+
+
+def dataset_description(cfg) -> str:
+    if cfg.dataset_name:
+        return f"{cfg.dataset_name}{f' ({cfg.dataset_config})' if cfg.dataset_config else ''}"
+    if cfg.train_dir:
+        return f"the local dataset {cfg.train_dir}"
+    return "scikit-learn's handwritten digits (embedded; 8 x 8 px upscaled)"
+
+
+def evaluation_metrics(cfg, results: dict, learned: FeatureSet) -> dict:
+    """The final comparison as metrics.json keys: each number with its protocol, split and unit
+    (`evaluation`), and flat keys for the log, the trackers and older readers (`knn_acc`, ...)."""
+    kinds = results["knn"].keys()
+    out = {"knn_acc": results["knn"]["learned"], "knn_k": results["k"],
+           **{f"knn_{kind}": results["knn"][kind] for kind in kinds if kind != "learned"},
+           "probe_acc": results["probe"]["learned"],
+           **{f"probe_{kind}": results["probe"][kind] for kind in kinds if kind != "learned"},
+           "label_efficiency": results["label_efficiency"]}
+    out["evaluation"] = {
+        "dataset": dataset_description(cfg),
+        "bank": f"'{cfg.train_split}' ({len(learned.train_labels)} images)",
+        "split": f"'{cfg.eval_split}' ({len(learned.test_labels)} images)",
+        "classes": learned.num_classes,
+        "unit": "% top-1",
+        "baselines": "random_init: the same backbone at its random initialisation (same seed); pixels: the "
+                     f"{cfg.image_size} x {cfg.image_size} px eval images, flattened",
+        "knn": f"weighted kNN on L2-normalised features, k={results['k']}"
+               f"{' (a fifth of the smallest class, at most 200)' if cfg.knn_k is None else ''}, t={results['t']}",
+        "probe": "logistic regression on frozen eval-transform features (no augmentation), L-BFGS, L2 penalty chosen "
+                 "on a held-out fifth of the bank",
+    }
+    return out
+
+
+def draw_pictures(run: Run, learned: FeatureSet, final: str) -> dict[str, str]:
+    """The nearest-neighbour grid and the feature map into output_dir (and final/, for the model card); logged to
+    TensorBoard."""
+    from .visualize import draw
+
+    cfg = run.cfg
+    paths = draw(learned.train, learned.train_labels, learned.test, learned.test_labels, run.knn.data.bank,
+                 run.knn.data.test, cfg.output_dir, run.stats["mean"], run.stats["std"], run.knn.data.class_names,
+                 seed=cfg.seed)
+    for path in paths.values():
+        shutil.copy(path, final)
+    if "tensorboard" in [getattr(t, "name", None) for t in run.accelerator.trackers]:
+        import numpy as np
+        from PIL import Image
+
+        tracker = run.accelerator.get_tracker("tensorboard")
+        for name, path in paths.items():
+            image = np.asarray(Image.open(path).convert("RGB"))
+            tracker.log_images({f"final/{name}": image[None]}, step=run.state.step, dataformats="NHWC")
+    return {name: os.path.join(final, os.path.basename(path)) for name, path in paths.items()}
 
 
 def plot_history(history: dict, path: str, random_init: float | None = None, eval_split: str | None = None):

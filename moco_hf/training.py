@@ -1,4 +1,5 @@
-"""Pieces of the pretraining loop (`moco_hf.pretraining`): lr schedule, loop state, profiler, CUDA-graph modes."""
+"""Pieces of the pretraining loop (`moco_hf.pretraining`): lr schedule, loop state, profiler, CUDA-graph modes, the
+scheduler's stop signals."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import typing
 from dataclasses import dataclass, field
 
@@ -106,3 +108,57 @@ class StepProfiler:
         if self.profile is not None:
             self.last = step
             self.after_step(step)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preemption: schedulers signal before they kill a job
+# ---------------------------------------------------------------------------------------------------------
+
+# The exit status of a run that stopped on a scheduler's signal with its state saved: "temporary failure, try again"
+# (EX_TEMPFAIL of sysexits.h). A job script requeues the job on it (README, "Clusters").
+PREEMPTED = 75
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1, what schedulers send before they kill a job (SLURM: at the end of the time limit, or
+    `--signal=USR1@120` minutes ahead), ask the loop to stop after the current step. The handler only records the
+    first one: a second signal while the checkpoint is being written changes nothing, and the save completes (a kill
+    that cannot be caught leaves at most a temporary folder, which resuming ignores).
+
+    `requested()` is True on every process as soon as any process received one (a max all-reduce of one number per
+    step when several processes run), so they all stop after the same step."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def requested(self, device: torch.device | None = None) -> bool:
+        local = self.received is not None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.received is None:
+            self.received = "a signal to another process"
+        return flag.item() > 0

@@ -69,7 +69,7 @@ def run(tmp_path_factory):
     model = moco_hf.MoCoModel(_tiny_config()).eval()
     model.reset_queue()
     model.save_pretrained(root / "final")
-    (root / "final" / "metrics.json").write_text(json.dumps({"knn_top1": 42.5, "linear_top1": 47.25, "epoch": 3}))
+    (root / "final" / "metrics.json").write_text(json.dumps({"knn_acc": 42.5, "linear_top1": 47.25, "epoch": 3}))
     (root / "final" / "training_args.json").write_text(
         json.dumps({"image_size": 32, "crop_pct": 1.0, "lr": 0.03, "batch_size": 8, "hub_token": TOKEN})
     )
@@ -375,8 +375,9 @@ def test_model_card(staged):
     assert data["license"] == "apache-2.0"
     assert {"moco", "self-supervised", "contrastive", "timm", "test_resnet"} <= set(data["tags"])
     text = card.text
-    assert "kNN accuracy (`knn_top1`): **42.5**" in text
-    assert "linear evaluation top-1 (`linear_top1`): **47.25**" in text
+    assert "| kNN |  | 'test' | **42.50 %** | - | - |" in text
+    assert "| linear evaluation | SGD on frozen features (linear_eval.py) | 'test' | **47.25 %** | - | - |" in text
+    assert text.count("| `epoch` | 3 |") == 1  # the other metrics, once
     assert "| `lr` | 0.03 |" in text and "| `embed_dim` | 8 |" in text
     assert f'AutoModel.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
     assert f'moco_hf.MoCoModel.from_pretrained("{REPO_ID}")' in text
@@ -395,7 +396,7 @@ def test_model_card_from_pretrain_records(tmp_path, run):
         json.dumps({"dataset_name": "uoft-cs/cifar10", "image_size": 32, "lr_steps": [120, 160], "backbone_kwargs": {}})
     )
     card = hub.build_model_card(model_dir, REPO_ID)
-    assert "kNN accuracy (`knn_acc`): **61.25**" in card.text and "linear evaluation top-1" not in card.text
+    assert "| kNN |  | 'test' | **61.25 %** | 20.50 % | - |" in card.text and "| linear evaluation |" not in card.text
     assert card.data.to_dict()["datasets"] == ["uoft-cs/cifar10"]
     assert "| `lr_steps` | [120, 160] |" in card.text
 

@@ -73,7 +73,8 @@ def test_record_metrics_merges(tmp_path):
 def test_cached_linear_eval_learns_and_is_recorded_for_the_card(checkpoint, tmp_path):
     logs = []
     metrics = evaluation.linear_evaluation(
-        checkpoint, LinearEvalConfig(cached_features=True, **FAST), output_dir=tmp_path / "classifier", log=logs.append
+        checkpoint, LinearEvalConfig(protocol="sgd", cached_features=True, **FAST), output_dir=tmp_path / "classifier",
+        log=logs.append,
     )
     # Ten classes: chance is 10 %. Random-init test_resnet features with the paper's optimiser reach ~65 %.
     assert metrics["linear_top1"] > 40.0
@@ -85,8 +86,9 @@ def test_cached_linear_eval_learns_and_is_recorded_for_the_card(checkpoint, tmp_
     recorded = json.loads((checkpoint / "metrics.json").read_text())
     assert recorded["linear_top1"] == metrics["linear_top1"] and recorded["knn_acc"] == 12.5  # merged, not replaced
     card = hub.build_model_card(checkpoint, "user/moco-tiny").text
-    assert f"linear evaluation top-1 (`linear_top1`): **{metrics['linear_top1']:g}**" in card
-    assert "kNN accuracy (`knn_acc`): **12.5**" in card
+    assert f"| linear evaluation | SGD lr 30, 100 epochs, on cached center-crop features | 'test' (200 images) | " \
+           f"**{metrics['linear_top1']:.2f} %** | - | - |" in card
+    assert "| kNN |  | 'test' | **12.50 %** | - | - |" in card
 
     # The saved classifier: frozen backbone identical to the checkpoint's query backbone, processor at 32 px.
     from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -110,7 +112,7 @@ def test_augmented_protocol_keeps_the_backbone_bit_identical(checkpoint, digits)
     for module in model.get_backbone().modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.register_forward_hook(lambda module, args, out: modes.append(module.training))
-    cfg = LinearEvalConfig(epochs=2, lr=1.0, schedule=(1,), batch_size=32, num_workers=0)
+    cfg = LinearEvalConfig(epochs=2, lr=1.0, schedule=(1,), batch_size=32, num_workers=0, protocol="sgd")
     metrics = evaluation.run_linear_eval(model, train, test, prep, cfg)
 
     assert len(modes) > 10 and not any(modes)  # every backbone forward ran in eval mode (BN statistics frozen)
@@ -120,7 +122,8 @@ def test_augmented_protocol_keeps_the_backbone_bit_identical(checkpoint, digits)
         assert torch.equal(tensor, after[name]), name  # weights and BN buffers (num_batches_tracked too)
     assert all(p.grad is None for p in model.get_backbone().parameters())
     assert not torch.equal(model.classifier.weight, head_before)  # while the classifier trained
-    assert 0.0 <= metrics["linear_top1"] <= 100.0 and metrics["linear_protocol"] == "RandomResizedCrop + flip"
+    assert 0.0 <= metrics["linear_top1"] <= 100.0
+    assert metrics["linear_protocol"] == "SGD lr 1, 2 epochs, on RandomResizedCrop (scale 0.08-1) + flip"
 
 
 def _perturb_bn_once(model):
@@ -163,7 +166,7 @@ def test_cli(checkpoint, capsys):
     before = (checkpoint / "metrics.json").read_text()
     code = linear_eval.main(["--model_dir", str(checkpoint), "--epochs", "2", "--schedule", "1", "--lr", "1",
                              "--cached_features", "--num_workers", "0", "--max_train_samples", "64",
-                             "--max_eval_samples", "32", "--no_record"])
+                             "--max_eval_samples", "32", "--no_record", "--protocol", "sgd"])
     assert code == 0
     assert "linear evaluation top-1" in capsys.readouterr().out
     assert (checkpoint / "metrics.json").read_text() == before  # --no_record
@@ -171,3 +174,20 @@ def test_cli(checkpoint, capsys):
     assert "is not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         linear_eval.parse_args(["--model_dir", "x", "--schedule", "sixty"])
+
+
+def test_lbfgs_probe_with_baselines_and_the_digits_augmentation(checkpoint, tmp_path):
+    """The default protocol on the digits: L-BFGS on features extracted once, next to the random-init backbone and
+    the raw pixels (a random-init test_resnet is far below the pixels); the sgd protocol does not flip digits."""
+    logs = []
+    metrics = evaluation.linear_evaluation(checkpoint, LinearEvalConfig(**FAST), log=logs.append)
+    assert {"linear_top1", "linear_top1_random_init", "linear_top1_pixels"} <= metrics.keys()
+    assert metrics["linear_top1_pixels"] > 85.0  # 8 x 8 digits are nearly linearly separable
+    assert metrics["linear_top1"] == metrics["linear_top1_random_init"]  # the checkpoint is a random init (seed 0)
+    assert "L-BFGS" in metrics["linear_protocol"] and any("raw pixels" in line for line in logs)
+    card = hub.build_model_card(checkpoint, "user/moco-tiny").text
+    assert f"{metrics['linear_top1_pixels']:.2f} % |" in card  # the baselines reach the model card
+
+    sgd = evaluation.linear_evaluation(checkpoint, LinearEvalConfig(protocol="sgd", epochs=1, schedule=(1,), **FAST),
+                                       record=False, log=logs.append)
+    assert sgd["linear_protocol"].endswith("RandomResizedCrop (scale 0.6-1)")  # digits: no flip, large crops

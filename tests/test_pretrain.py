@@ -59,6 +59,16 @@ def test_demo_run_end_to_end(tmp_path, capsys):
     final = out / "final"
     metrics = json.loads((final / "metrics.json").read_text())
     assert 0.0 <= metrics["knn_acc"] <= 100.0 and 0.0 <= metrics["knn_random_init"] <= 100.0
+    # every number next to its baselines, with protocol, split and unit; the pictures beside the weights
+    for key in ("knn_pixels", "probe_acc", "probe_random_init", "probe_pixels"):
+        assert 0.0 <= metrics[key] <= 100.0, key
+    assert set(metrics["label_efficiency"]) == {"1%", "10%", "100%"}
+    assert metrics["evaluation"]["unit"] == "% top-1" and metrics["evaluation"]["split"] == "'test' (60 images)"
+    assert metrics["knn_k"] == 20 and "k=20" in metrics["evaluation"]["knn"]
+    assert {"nearest_neighbours.png", "feature_map.png"} <= {p.name for p in final.iterdir()}
+    images = {tag for events in out.rglob("events.out.tfevents.*")
+              for tag in EventAccumulator(str(events)).Reload().Tags()["images"]}
+    assert "final/knn_pixels" in logged and {"final/nearest_neighbours", "final/feature_map"} <= images
     assert metrics["steps"] == 6 and result.state.step == 6
     assert len(list_checkpoints(str(out))) == 2
 
@@ -235,7 +245,8 @@ def test_knn_monitor_with_class_names_for_labels(tmp_path):
         (tmp_path / "data" / name).mkdir(parents=True)
         split(names, count).to_parquet(str(tmp_path / "data" / name / "part-0.parquet"))
     cfg = tiny_config(tmp_path, "--train_dir", str(tmp_path / "data"), "--max_steps", "2", "--num_workers", "0")
-    bank, test = pretraining.build_knn_loaders(cfg, pretraining.data_stats(pretraining.build_model(cfg)))
+    bank, test, names = pretraining.build_knn_loaders(cfg, pretraining.data_stats(pretraining.build_model(cfg)))
+    assert names == ["bird", "cat", "dog"]
     bank_labels = torch.cat([labels for _, labels in bank])
     assert sorted(bank_labels.unique().tolist()) == [0, 1, 2]  # bird, cat, dog
     assert sorted(torch.cat([labels for _, labels in test]).tolist()) == [-1] * 4 + [2] * 4  # fish (no bank), dog

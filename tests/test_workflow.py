@@ -34,7 +34,8 @@ def test_pretrain_linear_eval_publish_finetune(tmp_path):
     final = out / "final"
 
     # Linear evaluation of the pretrained folder: recorded next to the kNN accuracy.
-    metrics = linear_evaluation(final, LinearEvalConfig(cached_features=True, epochs=20, schedule=(12, 16),
+    metrics = linear_evaluation(final, LinearEvalConfig(protocol="sgd", cached_features=True, epochs=20,
+                                                        schedule=(12, 16),
                                                         batch_size=128, num_workers=0, max_train_samples=300,
                                                         max_eval_samples=100))
     recorded = json.loads((final / "metrics.json").read_text())
@@ -44,8 +45,11 @@ def test_pretrain_linear_eval_publish_finetune(tmp_path):
     staged = tmp_path / "staged"
     assert push_to_hub.main(["--model_dir", str(final), "--repo_id", "user/moco-tiny", "--dry_run", str(staged)]) == 0
     card = (staged / "README.md").read_text()
-    assert f"linear evaluation top-1 (`linear_top1`): **{metrics['linear_top1']:g}**" in card
-    assert f"kNN accuracy (`knn_acc`): **{recorded['knn_acc']:g}**" in card
+    assert f"| linear evaluation | SGD lr 30, 20 epochs, on cached center-crop features | 'test' (100 images) | " \
+           f"**{metrics['linear_top1']:.2f} %**" in card
+    assert f"| kNN | weighted kNN on L2-normalised features, k=20, t=0.1 | 'test' (60 images) | " \
+           f"**{recorded['knn_acc']:.2f} %** | {recorded['knn_random_init']:.2f} % | {recorded['knn_pixels']:.2f} % |" in card
+    assert "![nearest neighbours](nearest_neighbours.png)" in card and (staged / "nearest_neighbours.png").is_file()
 
     # The staged folder loads with transformers (moco_hf imported) and timm, to the pretrained features.
     images = torch.randn(2, 3, 32, 32)

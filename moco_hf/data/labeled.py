@@ -79,6 +79,19 @@ class LabeledSplit:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def labels(self):
+        """The class index of every example (`torch.long`)."""
+        import torch
+
+        raw = self.dataset[self.label_column]
+        values = [self.label_map[str(v)] for v in raw] if self.label_map is not None else [int(v) for v in raw]
+        return torch.tensor(values, dtype=torch.long)
+
+    def subset(self, indices) -> LabeledSplit:
+        """The examples at `indices`, the same classes."""
+        return LabeledSplit(self.dataset.select([int(i) for i in indices]), self.image_column, self.label_column,
+                            self.label_names, self.label_map)
+
     def with_transform(self, image_transform):
         """The split as a dataset of {"pixel_values": tensor or None, "labels": int}."""
         return self.dataset.with_transform(
@@ -157,4 +170,20 @@ def make_loader(dataset, batch_size: int, collator, num_workers: int = 0, shuffl
     )
 
 
-__all__ = ["ClassificationCollator", "ExampleTransform", "LabeledSplit", "load_labeled_split", "make_loader"]
+# Supervised training crops and flips: torchvision's / timm's defaults, and the embedded digits' (digits are not
+# mirror-symmetric, and a crop of 8 % of a 32 px digit no longer shows which digit it is).
+SUPERVISED_AUGMENTATION = {"default": dict(crop_min_scale=0.08, flip_prob=0.5),
+                           "digits": dict(crop_min_scale=0.6, flip_prob=0.0)}
+
+
+def supervised_augmentation(dataset_name: str | None, train_dir: str | None, crop_min_scale: float | None = None,
+                            flip_prob: float | None = None) -> dict:
+    """`crop_min_scale` and `flip_prob` for training a classifier: as given, else the dataset's (the embedded digits
+    when neither `dataset_name` nor `train_dir` is set, else the usual 0.08 and 0.5)."""
+    defaults = SUPERVISED_AUGMENTATION["default" if dataset_name or train_dir else "digits"]
+    given = {"crop_min_scale": crop_min_scale, "flip_prob": flip_prob}
+    return {key: given[key] if given[key] is not None else value for key, value in defaults.items()}
+
+
+__all__ = ["ClassificationCollator", "ExampleTransform", "LabeledSplit", "load_labeled_split", "make_loader",
+           "supervised_augmentation"]

@@ -6,6 +6,7 @@ image at a time in DataLoader workers, `gpu_augment` whole batches on the device
   grayscale before the jitter).
 - v2 (Chen et al. 2020): v1 plus "the blur augmentation", a stronger colour distortion applied with p=0.8.
 - cifar: the official CIFAR-10 demo's recipe: v2 without the blur, crops of 8-100 % of the image.
+- digits: the embedded demo's: crops of 40-100 % and brightness / contrast only; digits are not flipped.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ PRESETS = {
     # Official CIFAR-10 demo: RandomResizedCrop(32) (torchvision's default scale 0.08-1), jitter p=0.8,
     # grayscale 0.2, flip; no blur.
     "cifar": AugmentPreset(crop_scale=(0.08, 1.0), blur_prob=0.0),
+    # The embedded digits: grey images of digits that a mirror or a colour change would not preserve or would not
+    # touch: crops (which also shift and rescale the digit) and brightness / contrast changes only.
+    "digits": AugmentPreset(crop_scale=(0.4, 1.0), jitter=(0.4, 0.4, 0.0, 0.0), grayscale_prob=0.0, blur_prob=0.0,
+                            flip_prob=0.0),
 }
 
 

@@ -207,6 +207,83 @@ def load_source(
     return SourceInfo(ds, num_examples, image_col, label_col)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Each process's part of a streamed split
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rank_shards(num_shards: int, world: int, rank: int, epoch: int, seed: int) -> list[int]:
+    """The shards process `rank` of `world` reads in `epoch`: every process the same number, num_shards // world,
+    and each shard at most one process. Where the shards do not divide evenly, the num_shards % world left over are
+    other ones every epoch (a permutation seeded by the epoch), so that over the epochs every shard is read and every
+    process's epoch is as long as the others' (the shorter epoch wins, by less than one shard per process)."""
+    per = num_shards // world
+    if num_shards % world == 0:
+        return list(range(rank * per, (rank + 1) * per))
+    import numpy as np
+
+    order = np.random.default_rng([seed, epoch, num_shards]).permutation(num_shards)
+    return sorted(int(i) for i in order[rank * per:(rank + 1) * per])
+
+
+class ProcessShards:
+    """This process's part of a streamed split, epoch by epoch: its `rank_shards` of the split's shards (files,
+    parquet row groups or ranges of an indexed folder), so each byte is read by one process once per epoch for any
+    shard count, then shuffled (a buffer of `shuffle_buffer` images, reseeded every epoch). Within the process,
+    `datasets` hands the shards to the DataLoader workers.
+
+    A parquet stream whose files do not divide among the processes and their workers is split into its row groups
+    first (`IterableDataset.reshard`). With fewer shards than processes (a few webdataset .tar files), every process
+    reads every shard and keeps 1 image in `world` (the I/O of all), with a warning."""
+
+    def __init__(self, dataset, world: int = 1, rank: int = 0, seed: int = 0, shuffle_buffer: int = 10_000,
+                 workers: int = 1):
+        if dataset.num_shards % world or dataset.num_shards < world * max(1, workers):
+            resharded = dataset.reshard()  # parquet: one shard per row group; other formats: unchanged
+            if resharded.num_shards > dataset.num_shards:
+                dataset = resharded
+        self.dataset, self.world, self.rank, self.seed, self.shuffle_buffer = dataset, world, rank, seed, shuffle_buffer
+        self.num_shards = dataset.num_shards
+        self.per_process = self.num_shards // world
+        self.features = dataset.features
+
+    @property
+    def reads_everything(self) -> bool:
+        return self.per_process == 0
+
+    def describe(self, num_examples: int | None) -> str:
+        """One line for the log: the shards, and roughly how many images each process owns per epoch."""
+        if self.reads_everything:
+            return (f"only {self.num_shards} shard(s) for {self.world} processes: every process reads all of them "
+                    f"and keeps 1 image in {self.world} ({self.world} times the I/O; write the data in at least "
+                    f"{self.world} shards)")
+        images = f", about {num_examples * self.per_process // self.num_shards} images" if num_examples else ""
+        left = self.num_shards - self.per_process * self.world
+        rest = f"; {left} left out per epoch, other ones every epoch" if left else ""
+        return (f"{self.num_shards} shards: each of the {self.world} process(es) reads {self.per_process} per "
+                f"epoch{images}{rest}")
+
+    def epoch_fraction(self) -> float:
+        """The share of the split read in one epoch (all processes together)."""
+        return 1.0 if self.reads_everything else self.per_process * self.world / self.num_shards
+
+    def for_epoch(self, epoch: int):
+        """This process's shards of `epoch`, shuffled with the epoch's seed."""
+        from datasets import concatenate_datasets
+        from datasets.distributed import split_dataset_by_node
+
+        if self.reads_everything:
+            part = split_dataset_by_node(self.dataset, rank=self.rank, world_size=self.world, strategy="examples")
+        elif self.world == 1:
+            part = self.dataset
+        else:
+            indices = rank_shards(self.num_shards, self.world, self.rank, epoch, self.seed)
+            part = concatenate_datasets([self.dataset.shard(self.num_shards, i) for i in indices])
+        part = part.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        part.set_epoch(epoch)
+        return part
+
+
 def integer_labels(hf_dataset, label_column: str) -> bool:
     """Whether `label_column` holds class indices (a ClassLabel or integers) rather than names: from the features
     where the dataset declares them, else from its first example."""
@@ -226,4 +303,4 @@ def label_index(hf_dataset, label_column: str) -> dict[str, int]:
     return {name: i for i, name in enumerate(sorted(names))}
 
 
-__all__ = ["IMAGE_EXTENSIONS", "SourceInfo", "digits_image_folder", "find_image_column", "find_label_column", "integer_labels", "label_index", "load_hub_dataset", "load_source"]
+__all__ = ["IMAGE_EXTENSIONS", "ProcessShards", "SourceInfo", "rank_shards", "digits_image_folder", "find_image_column", "find_label_column", "integer_labels", "label_index", "load_hub_dataset", "load_source"]

@@ -5,7 +5,9 @@
   by the workers, for the batched device augmentation; `split_encoded` takes a chunk apart again.
 - `LabeledStream`: eval-transformed images with labels.
 
-Corrupt images are skipped and named (`decode.image_name`): each chunk carries the names of those it skipped.
+Corrupt images are skipped and named (`decode.image_name`): each chunk carries the names of those it skipped. The
+training streams read either an `IterableDataset` or a `sources.ProcessShards` (this process's shards, epoch by
+epoch: `set_epoch` picks them).
 """
 
 from __future__ import annotations
@@ -20,22 +22,33 @@ if TYPE_CHECKING:
     from .transforms import TwoViewTransform
 
 
+def _epoch_part(source, epoch: int):
+    """The dataset to read in `epoch`: a `ProcessShards`'s part for that epoch, or the dataset itself (reseeded)."""
+    if hasattr(source, "for_epoch"):
+        return source.for_epoch(epoch)
+    if hasattr(source, "set_epoch"):
+        source.set_epoch(epoch)
+    return source
+
+
 class TwoViewStream(torch.utils.data.IterableDataset):
     """Decodes, skips corrupt images and yields (view_q, view_k, names of the corrupt images skipped before it)
     triples; corrupt images at the end of the stream come as (None, None, names).
 
-    `hf_dataset` is this process's part of the stream (already split by node). The augmentation generator is
+    `hf_dataset` is this process's part of the stream (a `ProcessShards`, or a dataset already split). The
+    augmentation generator is
     seeded from (seed, epoch, rank, worker id), so an epoch replays identically.
     """
 
     def __init__(self, hf_dataset, image_column: str, transform: TwoViewTransform, seed: int, rank: int = 0):
         super().__init__()
-        self.hf_dataset, self.image_column, self.transform = hf_dataset, image_column, transform
+        self.source, self.image_column, self.transform = hf_dataset, image_column, transform
+        self.hf_dataset = _epoch_part(hf_dataset, 0)
         self.seed, self.rank, self.epoch = int(seed), int(rank), 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        self.hf_dataset.set_epoch(epoch)
+        self.hf_dataset = _epoch_part(self.source, epoch)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -102,11 +115,12 @@ class EncodedStream(torch.utils.data.IterableDataset):
 
     def __init__(self, hf_dataset, image_column: str, decode: bool = False, unshuffled=None):
         super().__init__()
-        self.hf_dataset, self.image_column, self.decode = hf_dataset, image_column, decode
+        self.source, self.image_column, self.decode = hf_dataset, image_column, decode
+        self.hf_dataset = _epoch_part(hf_dataset, 0)
         self.unshuffled = unshuffled  # the same split before its shuffle buffer, to look at one image cheaply
 
     def set_epoch(self, epoch: int) -> None:
-        self.hf_dataset.set_epoch(epoch)
+        self.hf_dataset = _epoch_part(self.source, epoch)
 
     def first_image_nbytes(self, tries: int = 8) -> int | None:
         """Decoded size (3 x H x W bytes) of the first readable image among the split's first `tries`, or None."""
