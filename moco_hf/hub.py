@@ -249,7 +249,7 @@ def build_model_card(
 
     knn = _find_metric(metrics, ("knn",), ("acc", "top1"))
     linear = _find_metric(metrics, ("linear", "lincls"), ("top1", "acc"))
-    version = "v2" if config.mlp_head else "v1"
+    version = config.moco_version
     is_classifier = "MoCoForImageClassification" in (config.architectures or [])
     data = ModelCardData(
         library_name="transformers",
@@ -264,11 +264,14 @@ def build_model_card(
         "",
         f"Momentum Contrast (MoCo {version}) pretraining of a timm `{config.backbone}` backbone, saved with "
         "moco_hf as a transformers `PreTrainedModel`. The query encoder's pooled features "
-        "(`pooler_output`) are the representation; the key encoder and the queue are kept so training can resume.",
+        f"(`pooler_output`) are the representation; the key encoder and the "
+        f"{'prediction head' if version == 'v3' else 'queue'} are kept so training can resume.",
         "",
         "- He et al., 2019, *Momentum Contrast for Unsupervised Visual Representation Learning* (MoCo v1), "
         "arXiv:1911.05722",
         "- Chen et al., 2020, *Improved Baselines with Momentum Contrastive Learning* (MoCo v2), arXiv:2003.04297",
+        *(["- Chen, Xie and He, 2021, *An Empirical Study of Training Self-Supervised Vision Transformers* (MoCo v3), "
+           "arXiv:2104.02057"] if version == "v3" else []),
         "",
         "## Results",
         "",
