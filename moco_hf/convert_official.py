@@ -353,7 +353,6 @@ def convert(
         )
     model = MoCoModel(config)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
-    model._freeze()
     model.eval()
 
     if output_dir is not None:
