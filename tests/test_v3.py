@@ -5,12 +5,14 @@ augmentation on both paths, the optimisers' parameter groups, the configs and th
 Tiny timm test models on 32 px images with 32-wide heads; float64 wherever two implementations are compared.
 """
 
+import copy
 import itertools
 import json
 import os
 import socket
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -266,7 +268,7 @@ def test_cpu_sync_batchnorm_is_batchnorm_in_one_process():
     """Without several processes (and in eval mode) it is exactly `nn.BatchNorm*`, with the same state dict."""
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 30 * 30, 6), torch.nn.BatchNorm1d(6, affine=False)).double()
-    synced = convert_sync_batchnorm(__import__("copy").deepcopy(plain), torch.device("cpu"))
+    synced = convert_sync_batchnorm(copy.deepcopy(plain), torch.device("cpu"))
     assert [type(m) for m in synced if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] == [CPUSyncBatchNorm] * 2
     assert synced.state_dict().keys() == plain.state_dict().keys()
     x = images(seed=3)
@@ -324,7 +326,7 @@ def test_lars_adapts_only_the_decayed_weights():
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     optimizer.step()  # first step: the momentum buffer is the (adapted) gradient itself
     params = dict(model.named_parameters())
-    adapted = 0
+    adapted = set()
     for group in optimizer.param_groups:
         for name in _param_names(model, group):
             w, g = before[name], params[name].grad
@@ -333,11 +335,13 @@ def test_lars_adapts_only_the_decayed_weights():
             else:
                 trust = 0.001 * w.norm() / (g.norm() + 0.1 * w.norm() + 1e-8) if g.norm() * w.norm() > 0 else 1.0
                 expected = w - 0.5 * trust * (g + 0.1 * w)
-                adapted += trust != 1.0
+                if trust != 1.0:
+                    adapted.add(name)
             # a handful of float64 operations on values of a few units; the norms sum at most 4096 x 32 squares
             torch.testing.assert_close(params[name].detach(), expected,
                                        **tolerance(torch.float64, terms=4096 * 32, depth=4, scale=10))
-    assert adapted > 10  # the heads' and the stems' weights at least
+    heads = {f"{head}.layers.{i}.weight" for head in ("query_encoder.head", "predictor") for i in (0, 3)}
+    assert heads <= adapted  # the layer-wise adaptation did happen (the heads' linear weights)
 
 
 def test_adamw_decays_only_the_decayed_weights():
@@ -377,7 +381,7 @@ def test_solarize_matches_torchvision_and_pil():
     assert torch.equal(out[apply], TF.solarize(x[apply], 128 / 255)) and torch.equal(out[~apply], x[~apply])
     levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)  # every 8-bit level
     pil = Image.fromarray(levels[0].permute(1, 2, 0).numpy())
-    expected = torch.from_numpy(__import__("numpy").array(ImageOps.solarize(pil, T.SOLARIZE_THRESHOLD)))
+    expected = torch.from_numpy(np.array(ImageOps.solarize(pil, T.SOLARIZE_THRESHOLD)))
     ours = G.solarize(levels.float() / 255, torch.tensor([True]))[0].permute(1, 2, 0) * 255
     assert torch.equal(ours.round().to(torch.uint8), expected)  # the same levels inverted: 128 and above
 
@@ -683,12 +687,12 @@ def test_v3_pretraining_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MoCoModel, "forward", recording_forward)
     cfg = pretrain.load_config(None, TINY + [
-        "--output_dir", str(tmp_path / "out"), "--max_steps", "4", "--eval_split", "none", "--queue_size", "0",
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "3", "--eval_split", "none", "--queue_size", "0",
         "--mlp_bn", "true", "--predictor_hidden_dim", "32", "--mlp_hidden_dim", "32", "--symmetric", "true",
         "--optimizer", "lars", "--base_lr", "0.6", "--weight_decay", "1e-6", "--momentum_schedule", "cosine",
         "--augmentation", "v3_cifar", "--gpu_augment", "on", "--device_cache", "on"])
     result = pretrain.train(cfg)
-    assert momenta == pytest.approx([momentum_at(s, 4, 0.99, "cosine") for s in range(4)])
+    assert momenta == pytest.approx([momentum_at(s, 3, 0.99, "cosine") for s in range(3)])
     assert type(result.model.predictor).__name__ == "MoCoPredictionHead"
     loaded = AutoModel.from_pretrained(tmp_path / "out" / "final")
     assert loaded.queue is None and "queue" not in loaded.state_dict()
