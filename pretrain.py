@@ -4,6 +4,9 @@ Run it:
     python pretrain.py                                              # embedded demo: sklearn digits, 2 CPU cores
     accelerate launch pretrain.py --config configs/moco_v2_resnet50_imagenet.yaml --bn_splits 8
                                                                     # one GPU (split BN: 8 chunks of 32)
+    python pretrain.py --config configs/demo_digits_v3.yaml         # MoCo v3 on the digits, 2 CPU cores
+    accelerate launch --num_processes 8 pretrain.py --config configs/moco_v3_vit_small_imagenet.yaml
+                                                                    # MoCo v3, ViT-S/16, 8 GPUs
     accelerate launch --num_processes 8 pretrain.py --config configs/moco_v2_resnet50_imagenet.yaml \\
         --dataset_name none --train_dir /data/imagenet --eval_split validation
                                                                     # 8 GPUs, local folder
@@ -102,7 +105,8 @@ class PretrainConfig:
     shuffle_buffer: int = _key(10_000, "images in the streaming shuffle buffer", DATA)
     num_train_examples: int | None = _key(None, "size of the training split when the source does not say "
                                                 "(webdataset)", DATA)
-    augmentation: str = _key("cifar", "augmentation preset: v1, v2, cifar or digits (moco_hf/data/presets.py)", DATA)
+    augmentation: str = _key("cifar", "augmentation preset: v1, v2, cifar, digits, v3 (BYOL's asymmetric views) or "
+                                      "v3_cifar (v3 without blur); moco_hf/data/presets.py", DATA)
     image_size: int = _key(32, "crop size in pixels", DATA)
     crop_min_scale: float | None = _key(0.4, "RandomResizedCrop minimum area fraction (none: the preset's, as "
                                              "published; the digits demo uses 0.4)", DATA)
@@ -118,19 +122,33 @@ class PretrainConfig:
                          MODEL)
     backbone_kwargs: dict = _key({}, "extra timm.create_model arguments, e.g. {drop_path_rate: 0.1}", MODEL)
     embed_dim: int = _key(128, "dimension of the embeddings q and k", MODEL)
-    queue_size: int = _key(1024, "K, negative keys in the queue (>= keys enqueued per step)", MODEL)
-    momentum: float = _key(0.99, "m, key-encoder momentum", MODEL)
-    tau: float = _key(0.1, "softmax temperature (v1 0.07, v2 0.2)", MODEL)
+    queue_size: int = _key(1024, "K, negative keys in the queue (>= keys enqueued per step); 0: MoCo v3, the batch's "
+                                 "keys are the negatives", MODEL)
+    momentum: float = _key(0.99, "m, key-encoder momentum (the start value with momentum_schedule cosine)", MODEL)
+    tau: float = _key(0.1, "softmax temperature (v1 0.07, v2 0.2, v3 0.2 for ViTs and 1.0 for ResNets)", MODEL)
     mlp_head: bool = _key(True, "v2's 2-layer MLP head (false: v1's linear head)", MODEL)
     mlp_hidden_dim: int | None = _key(None, "hidden width of the MLP head (none: the backbone's width)", MODEL)
+    mlp_layers: int = _key(2, "linear layers of the MLP head (v2: 2; v3: 3 for ViTs, 2 for ResNets)", MODEL)
+    mlp_bn: bool = _key(False, "BatchNorm in the MLP head (v3): BN + ReLU after hidden layers, affine-free BN last",
+                        MODEL)
+    predictor_hidden_dim: int = _key(0, "hidden width of v3's prediction head on the queries (0: none; v3: 4096)",
+                                     MODEL)
+    predictor_last_bn: bool = _key(False, "affine-free BatchNorm after the prediction head (v3 ViTs)", MODEL)
+    freeze_patch_embed: bool = _key(False, "keep a ViT's patch projection at its random init (v3's stability trick)",
+                                    MODEL)
+    sincos_pos_embed: bool = _key(False, "fixed 2-D sin-cos position embeddings for a ViT (v3)", MODEL)
     shuffle_bn: bool = _key(True, "shuffle BN across processes (or across bn_splits chunks)", MODEL)
     bn_splits: int = _key(1, "normalise the batch in this many chunks, as that many GPUs would", MODEL)
     symmetric: bool = _key(False, "symmetric loss (each view once as query, once as key)", MODEL)
 
     # optimisation
+    optimizer: str = _key("sgd", "sgd (v1, v2), adamw (v3 ViTs) or lars (v3 ResNets), the last two timm's", OPTIM)
     base_lr: float = _key(0.06, "learning rate for a global batch of 256; lr = base_lr x batch_size / 256", OPTIM)
-    weight_decay: float = _key(5e-4, "SGD weight decay", OPTIM)
-    sgd_momentum: float = _key(0.9, "SGD momentum", OPTIM)
+    weight_decay: float = _key(5e-4, "weight decay (sgd: every parameter; adamw, lars: not biases and norm weights)",
+                               OPTIM)
+    sgd_momentum: float = _key(0.9, "momentum of sgd and lars", OPTIM)
+    momentum_schedule: str = _key("constant", "key-encoder momentum per step: constant, or cosine from momentum to 1 "
+                                              "(v3)", OPTIM)
     lr_schedule: str = _key("cosine", "cosine (per step) or step (/10 at each of lr_steps)", OPTIM)
     lr_steps: list = _key([120, 160], "epochs where the step schedule divides the lr by 10", OPTIM)
     warmup_epochs: float = _key(0.0, "epochs of linear warm-up", OPTIM)
@@ -145,7 +163,8 @@ class PretrainConfig:
 
     def model_kwargs(self) -> dict:
         names = ("backbone", "backbone_kwargs", "embed_dim", "queue_size", "momentum", "tau", "mlp_head",
-                 "mlp_hidden_dim", "shuffle_bn", "bn_splits", "symmetric")
+                 "mlp_hidden_dim", "mlp_layers", "mlp_bn", "predictor_hidden_dim", "predictor_last_bn", "shuffle_bn",
+                 "bn_splits", "symmetric", "freeze_patch_embed", "sincos_pos_embed")
         return {name: getattr(self, name) for name in names}
 
     def validate(self) -> None:
@@ -153,7 +172,9 @@ class PretrainConfig:
         choices = {
             "mixed_precision": ("no", "fp16", "bf16"),
             "lr_schedule": ("cosine", "step"),
-            "augmentation": ("v1", "v2", "cifar", "digits"),
+            "augmentation": ("v1", "v2", "cifar", "digits", "v3", "v3_cifar"),
+            "optimizer": ("sgd", "adamw", "lars"),
+            "momentum_schedule": ("constant", "cosine"),
             "gpu_augment": ("auto", "on", "off"),
             "device_decode": ("workers", "threads", "nvjpeg"),
             "device_cache": ("auto", "on", "off"),
@@ -166,11 +187,12 @@ class PretrainConfig:
         if self.knn_k is not None and self.knn_k < 1:
             raise ValueError(f"knn_k must be >= 1 (or none for the automatic choice), got {self.knn_k}")
         for name in ("batch_size", "image_size", "num_shards", "log_steps", "save_total_limit",
-                     "embed_dim", "queue_size", "bn_splits"):
+                     "embed_dim", "bn_splits", "mlp_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "save_steps", "knn_every_epochs", "warmup_epochs", "shuffle_buffer",
-                     "profile_steps", "decode_threads", "weight_decay", "sgd_momentum"):
+                     "profile_steps", "decode_threads", "weight_decay", "sgd_momentum", "queue_size",
+                     "predictor_hidden_dim"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.momentum <= 1.0:
@@ -188,10 +210,16 @@ class PretrainConfig:
             raise ValueError(f"num_train_examples must be >= 1, got {self.num_train_examples}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_epochs > 0")
-        if self.queue_size < self.batch_size * (2 if self.symmetric else 1):
+        if self.queue_size == 0 and self.bn_splits > 1:
+            raise ValueError(f"bn_splits={self.bn_splits} with queue_size 0: MoCo v3 normalises over the whole batch "
+                             "(synchronised across processes); use bn_splits 1")
+        if self.queue_size == 0 and self.batch_size < 2:
+            raise ValueError("queue_size 0 takes the negatives from the batch: use batch_size >= 2")
+        if 0 < self.queue_size < self.batch_size * (2 if self.symmetric else 1):
             raise ValueError(
                 f"queue_size={self.queue_size} is smaller than the keys enqueued per step "
-                f"({self.batch_size}{' x 2' if self.symmetric else ''}); use queue_size >= that"
+                f"({self.batch_size}{' x 2' if self.symmetric else ''}); use queue_size >= that (or 0: MoCo v3, "
+                "no queue)"
             )
         if self.dataset_name and self.train_dir:
             raise ValueError("set either dataset_name (Hub) or train_dir (local folder), not both")

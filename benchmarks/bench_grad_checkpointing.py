@@ -7,6 +7,8 @@ through the hook and what they recompute in backward does not. One backward per 
 
     python benchmarks/bench_grad_checkpointing.py                                   # the default cases below
     python benchmarks/bench_grad_checkpointing.py --case resnet50:224:32 --amp      # backbone:pixels:batch
+    python benchmarks/bench_grad_checkpointing.py --v3 --amp --case vit_small_patch16_224:224:4
+                                                  # MoCo v3 (MoCoConfig.v3, the released ViT-S heads): two query views
 """
 
 import argparse
@@ -40,24 +42,29 @@ def saved_bytes(model: MoCoModel, view_q: torch.Tensor, view_k: torch.Tensor, am
     return total, loss
 
 
-def model_for(backbone: str, size: int, bn_splits: int, batch: int, device: str) -> MoCoModel:
+def model_for(backbone: str, size: int, bn_splits: int, batch: int, device: str, v3: bool = False) -> MoCoModel:
     kwargs = {"img_size": size} if backbone.startswith(("vit_", "test_vit", "deit_")) else {}
-    config = MoCoConfig(backbone=backbone, backbone_kwargs=kwargs, embed_dim=128, queue_size=max(4096, 2 * batch),
-                        bn_splits=bn_splits)
+    if v3:  # the released heads (4096 hidden, 256 out); ViT-S with the released 12 heads
+        if backbone == "vit_small_patch16_224":
+            kwargs["num_heads"] = 12
+        config = MoCoConfig.v3(backbone, backbone_kwargs=kwargs)
+    else:
+        config = MoCoConfig(backbone=backbone, backbone_kwargs=kwargs, embed_dim=128, queue_size=max(4096, 2 * batch),
+                            bn_splits=bn_splits)
     return MoCoModel(config).to(device).train()
 
 
-def run_case(case: str, amp: bool, device: str) -> str:
+def run_case(case: str, amp: bool, device: str, v3: bool = False) -> str:
     backbone, size, batch, *rest = case.split(":")
     size, batch, bn_splits = int(size), int(batch), int(rest[0]) if rest else 1
     torch.manual_seed(0)
     views = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)]
-    model = model_for(backbone, size, bn_splits, batch, device)
+    model = model_for(backbone, size, bn_splits, batch, device, v3)
     plain, _ = saved_bytes(model, *views, amp=amp)
     model.activation_checkpointing_enable()
     checkpointed, loss = saved_bytes(model, *views, amp=amp)
     loss.backward()  # the checkpointed step runs through
-    return (f"{backbone:<24} {size:>4} px  batch {batch:<4} bn_splits {bn_splits}  "
+    return (f"{backbone:<24}{' v3' if v3 else ''} {size:>4} px  batch {batch:<4} bn_splits {bn_splits}  "
             f"{plain / 2**20:9.1f} MiB -> {checkpointed / 2**20:8.1f} MiB  ({checkpointed / plain:.1%})")
 
 
@@ -74,12 +81,13 @@ def main(argv=None) -> int:
     p.add_argument("--case", action="append", help=f"backbone:pixels:batch[:bn_splits] (default: {DEFAULT_CASES})")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--v3", action="store_true", help="MoCo v3 models (MoCoConfig.v3: no queue, both views as queries)")
     args = p.parse_args(argv)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
     print(f"device {args.device} ({where}), torch {torch.__version__}, amp {args.amp}; "
           "bytes saved for backward in one training forward (parameters excluded), without -> with checkpointing")
     for case in args.case or DEFAULT_CASES:
-        print(run_case(case, args.amp, args.device), flush=True)
+        print(run_case(case, args.amp, args.device, args.v3), flush=True)
     return 0
 
 

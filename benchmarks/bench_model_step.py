@@ -16,10 +16,18 @@ Run it:
 With `--bn-splits` > 1 the official-style model is the CIFAR-10 demo's: its `SplitBatchNorm` (one `batch_norm` call
 over a view with `bn_splits` x C channels, interleaved chunks) and a permutation of the key batch in place of
 shuffle BN across GPUs; moco_hf runs `bn_splits` in its config (`SplitBatchNorm2d`, contiguous chunks).
+
+With `--v3`, MoCo v3 (`MoCoConfig.v3`: no queue, symmetrised loss, heads with BatchNorm, a prediction head) against
+a naive implementation of the paper's Algorithm 1 on the same encoder and prediction head (python-loop momentum
+update, each view through f_q and the predictor then f_k, `ctr` written out, loss outside the model):
+    python benchmarks/bench_model_step.py --v3                              # CPU: resnet18, batch 32, 64 px
+    python benchmarks/bench_model_step.py --v3 --backbone vit_small_patch16_224 --backbone-kwargs '{"num_heads": 12}' \
+        --batch 256 --image-size 224 --amp --compile --baseline-fp32         # one GPU: ViT-S/16, the released heads
 """
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -112,11 +120,48 @@ class OfficialStyleMoCo(nn.Module):
         return logits, labels
 
 
+class NaiveMoCoV3(nn.Module):
+    """MoCo v3's Algorithm 1 as a straightforward single-process implementation: f_q (backbone + projection head) with
+    the prediction head, f_k a frozen copy of f_q updated by a python loop over the parameters, each view through
+    each encoder in its own forward; returns (q1, q2, k1, k2) for `naive_ctr` outside the model."""
+
+    def __init__(self, encoder_q: nn.Module, predictor: nn.Module, momentum: float):
+        super().__init__()
+        self.m = momentum
+        self.encoder_q, self.predictor = encoder_q, predictor
+        self.encoder_k = copy.deepcopy(encoder_q)
+        for param_k in self.encoder_k.parameters():
+            param_k.requires_grad = False
+
+    def forward(self, x1, x2):
+        q1, q2 = self.predictor(self.encoder_q(x1)), self.predictor(self.encoder_q(x2))  # N x C each
+        with torch.no_grad():
+            for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+                param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
+            k1, k2 = self.encoder_k(x1), self.encoder_k(x2)  # N x C each
+        return q1, q2, k1, k2
+
+
+def naive_ctr(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
+    """ctr(q, k) = 2 tau CrossEntropy(norm(q) norm(k)^T / tau, labels = the diagonal), as the paper writes it."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = torch.einsum("nc,mc->nm", q, k) / tau  # N x N
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits.float(), labels) * (2 * tau)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--backbone", default="resnet18", help="timm architecture (default: resnet18, CPU-sized)")
+    p.add_argument("--backbone-kwargs", type=json.loads, default={},
+                   help="extra timm.create_model arguments as JSON, e.g. '{\"num_heads\": 12}'")
+    p.add_argument("--v3", action="store_true",
+                   help="MoCo v3 (no queue, symmetrised loss, BatchNorm heads, predictor) against a naive Algorithm 1")
+    p.add_argument("--mlp-hidden", type=int, default=4096, help="--v3: hidden width of both heads (default: 4096)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="gradient checkpointing of both implementations' query backbones (timm's)")
     p.add_argument("--batch", type=int, default=32, help="images per step (default: 32)")
     p.add_argument("--image-size", type=int, default=64, help="square input size in pixels (default: 64)")
     p.add_argument("--queue-size", type=int, default=4096, help="K; a multiple of --batch (default: 4096)")
@@ -140,8 +185,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "pretrain.py too, `cudnn_benchmark: true`)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     args = p.parse_args(argv)
-    if args.queue_size % args.batch:
+    if not args.v3 and args.queue_size % args.batch:
         p.error(f"--queue-size {args.queue_size} must be a multiple of --batch {args.batch} (official enqueue)")
+    if args.v3 and args.bn_splits != 1:
+        p.error("--v3 normalises over the whole batch: leave --bn-splits at 1")
     return args
 
 
@@ -156,15 +203,26 @@ def main(argv=None) -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    config = MoCoConfig(
-        backbone=args.backbone, embed_dim=args.embed_dim, queue_size=args.queue_size, momentum=0.999, tau=0.2,
-        bn_splits=args.bn_splits,
-    )
+    if args.v3:
+        config = MoCoConfig.v3(args.backbone, backbone_kwargs=args.backbone_kwargs, embed_dim=args.embed_dim,
+                               mlp_hidden_dim=args.mlp_hidden, predictor_hidden_dim=args.mlp_hidden)
+    else:
+        config = MoCoConfig(
+            backbone=args.backbone, backbone_kwargs=args.backbone_kwargs, embed_dim=args.embed_dim,
+            queue_size=args.queue_size, momentum=0.999, tau=0.2, bn_splits=args.bn_splits,
+        )
     ours = MoCoModel(config).to(device, memory_format=memory_format).train()
     encoder_q = copy.deepcopy(ours.query_encoder)
     if args.bn_splits > 1:  # the demo's split BN in place of moco_hf's (same values)
         encoder_q = demo_split_bn(encoder_q, args.bn_splits)
-    official = OfficialStyleMoCo(encoder_q, ours.queue, config.momentum, config.tau, shuffle_keys=args.bn_splits > 1)
+    if args.v3:
+        official = NaiveMoCoV3(encoder_q, copy.deepcopy(ours.predictor), config.momentum)
+    else:
+        official = OfficialStyleMoCo(encoder_q, ours.queue, config.momentum, config.tau,
+                                     shuffle_keys=args.bn_splits > 1)
+    if args.grad_checkpointing:
+        ours.activation_checkpointing_enable()
+        official.encoder_q.backbone.set_grad_checkpointing(True)
     base_format = torch.contiguous_format if args.baseline_fp32 else memory_format
     official = official.to(device, memory_format=base_format).train()
     if args.compile:  # the encoders, as pretrain.py does; the queue logic stays eager in both
@@ -192,10 +250,17 @@ def main(argv=None) -> None:
 
         return step
 
+    baseline = "naive Algorithm 1" if args.v3 else "official-style"
+    if args.v3:
+        def baseline_loss(out):
+            q1, q2, k1, k2 = out
+            return naive_ctr(q1, k2, config.tau) + naive_ctr(q2, k1, config.tau)
+    else:
+        def baseline_loss(out):
+            return F.cross_entropy(out[0].float(), out[1])
     steps = {
         "moco_hf MoCoModel": make_step(ours, lambda out: out.loss),
-        "official-style": make_step(official, lambda out: F.cross_entropy(out[0].float(), out[1]),
-                                    amp=args.amp and not args.baseline_fp32, fmt=base_format),
+        baseline: make_step(official, baseline_loss, amp=args.amp and not args.baseline_fp32, fmt=base_format),
     }
     g = torch.Generator().manual_seed(0)
     n_batches = 4
@@ -214,11 +279,13 @@ def main(argv=None) -> None:
             torch.cuda.synchronize(device)
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    negatives = "MoCo v3, K=0 (no queue)" if args.v3 else f"K={args.queue_size}"
     print(
         f"device {device} ({where}); "
-        f"torch {torch.__version__}; {args.backbone}, batch {args.batch} x {args.image_size}px, K={args.queue_size}, "
+        f"torch {torch.__version__}; {args.backbone}, batch {args.batch} x {args.image_size}px, {negatives}, "
         f"amp={args.amp}, channels_last={args.channels_last}, compile={args.compile}"
-        f"{f' ({args.compile_mode})' if args.compile else ''}, bn_splits={args.bn_splits}"
+        f"{f' ({args.compile_mode})' if args.compile else ''}, grad_checkpointing={args.grad_checkpointing}, "
+        f"bn_splits={args.bn_splits}"
     )
     first_losses, peak = {}, {}
     for name, step in steps.items():  # warm-up; the first step of both starts from identical state
@@ -257,7 +324,7 @@ def main(argv=None) -> None:
     ratio = statistics.median(ours_t) / statistics.median(official_t)
     paired = statistics.median(a / b for a, b in zip(ours_t, official_t))  # neighbours in time share the noise
     print(
-        f"\nratio moco_hf / official-style: {ratio:.3f} (of medians), {paired:.3f} (median of paired repeats), "
+        f"\nratio moco_hf / {baseline}: {ratio:.3f} (of medians), {paired:.3f} (median of paired repeats), "
         f"{min(ours_t) / min(official_t):.3f} (of minima)"
     )
     print("target: <= 1.05")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of BENCHMARKS.md, for a lent GPU machine, in one call:
-#   bash benchmarks/gpu_suite.sh [cudatests] [step] [cifarstep] [augment] [r50] [r50threads] [cifar]
-# (default: all, ~15 min on an H100)
+#   bash benchmarks/gpu_suite.sh [cudatests] [step] [cifarstep] [v3step] [augment] [r50] [r50threads] [cifar]
+# (default: all, ~15 min on an H100 before v3step, which adds about 3 more)
 # A lent machine runs one command for at most 10 minutes, and a session has 15 device minutes in all (start-up
 # included): use two calls on the warm machine, the sections not yet measured first (BENCHMARKS.md lists them),
 #   bash benchmarks/gpu_suite.sh cifarstep r50threads      then      bash benchmarks/gpu_suite.sh cudatests r50 cifar
@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}; mkdir -p "$out"
-sections=${*:-cudatests step cifarstep augment r50 r50threads cifar}
+sections=${*:-cudatests step cifarstep v3step augment r50 r50threads cifar}
 if [ -d .whl ] && [ -z "${SMOKE:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -46,6 +46,9 @@ if [ -n "${SMOKE:-}" ]; then  # toy sizes
          --batches 4 --bn_splits 8)
   step=(--backbone test_resnet --batch 16 --image-size 32 --queue-size 64 --steps 1 --repeats 2)
   cifarstep=(--backbone test_resnet --batch 16 --image-size 32 --queue-size 64 --steps 1 --repeats 2 --bn-splits 8)
+  v3step=(--backbone test_vit --backbone-kwargs '{"img_size": 32}' --image-size 32 --mlp-hidden 64 --steps 1
+          --repeats 2)
+  v3batch=16; v3large=32
   augment=(--batch 8 --size 32 --iters 2 --height 48 --width 64)
   big=600; workers=1
 else
@@ -59,6 +62,12 @@ else
   # the CIFAR-10 demo's step: ResNet-18 (3x3 stem), batch 512, K 4096, split BN over 8 chunks
   cifarstep=(--backbone cifar_resnet18 --batch 512 --image-size 32 --queue-size 4096 --steps 10 --repeats 6
              --bn-splits 8)
+  # MoCo v3, ViT-S/16 with the released 12 heads and heads (4096 hidden, 256 out), 224 px
+  v3step=(--backbone vit_small_patch16_224 --backbone-kwargs '{"num_heads": 12}' --image-size 224 --steps 3
+          --repeats 6)
+  # batch 256, and the largest estimated to fit 80 GB in bf16: 2048 with gradient checkpointing (about 18 MiB saved
+  # for backward per image instead of 84: benchmarks/bench_grad_checkpointing.py --v3 --amp on a CPU)
+  v3batch=256; v3large=2048
   augment=()
   big=300
 fi
@@ -79,6 +88,12 @@ for section in $sections; do
       # and with CUDA graphs (compile_mode reduce-overhead): how much of the step is host-side launch work
       run step_cifar_cudagraphs $big $py benchmarks/bench_model_step.py "${cifarstep[@]}" --amp --channels-last \
         --compile --compile-mode reduce-overhead --baseline-fp32 --cudnn-benchmark ;;
+    v3step)  # MoCo v3 ViT-S/16: a naive Algorithm 1 in fp32 vs moco_hf compiled in bf16; then the largest batch,
+      # both in bf16 with gradient checkpointing of the query backbone
+      run step_v3_vits $big $py benchmarks/bench_model_step.py --v3 "${v3step[@]}" --batch $v3batch --amp --compile \
+        --baseline-fp32
+      run step_v3_vits_large $big $py benchmarks/bench_model_step.py --v3 "${v3step[@]}" --batch $v3large --amp \
+        --compile --grad-checkpointing ;;
     augment)  # the batched v2 augmentation alone, eager vs compiled, 256 images of 500 x 375
       run augment_v2 $big $py benchmarks/bench_augment.py "${augment[@]}" ;;
     r50)  # pretrain.py end to end from JPEG bytes: workers decode, the device augments, compiled encoders
@@ -94,7 +109,7 @@ for section in $sections; do
       run e2e_cifar_cache_cudagraphs $big $py benchmarks/bench_pipeline.py "${cifar[@]}" --preset cifar \
         --workers $workers --mixed_precision bf16 --channels_last --compile --compile_mode reduce-overhead \
         --paths cache --skip_pipeline ;;
-    *) echo "unknown section $section (cudatests, step, cifarstep, augment, r50, r50threads, cifar)"; exit 2 ;;
+    *) echo "unknown section $section (cudatests, step, cifarstep, v3step, augment, r50, r50threads, cifar)"; exit 2 ;;
   esac
 done
 echo "== summary (python3 benchmarks/summarize.py $out)"

@@ -20,7 +20,10 @@ STEP_LOGS = [
     ("step_cifar_compile", "cifar_resnet18", None),
     ("step_cifar_compile_nosplit", "cifar_resnet18", None),
     ("step_cifar_cudagraphs", "cifar_resnet18", None),
+    ("step_v3_vits", "vit_small_patch16_224", None),
+    ("step_v3_vits_large", "vit_small_patch16_224", None),
 ]
+BASELINES = ("official-style", "naive Algorithm 1")  # v1/v2 steps, MoCo v3 steps
 PIPELINE_LOGS = [
     ("e2e_r50_compile", "resnet50", 3000),
     ("e2e_r50_threads_compile", "resnet50", 3000),
@@ -31,12 +34,16 @@ AUGMENT_LOGS = ["augment_v2"]
 
 
 def step_setting(text: str) -> tuple[str, str]:
-    """(backbone, 'model step, <backbone> <size> px, batch N, K n[, split BN g]') from the header line."""
-    m = re.search(r"; (\S+), batch (\d+) x (\d+)px, K=(\d+).*?(?:bn_splits=(\d+))?$", text, re.MULTILINE)
+    """(backbone, 'model step, <backbone> <size> px, batch N, K n[, split BN g]') from the header line; MoCo v3 runs
+    say so in place of K, and gradient checkpointing where it was on."""
+    m = re.search(r"; (\S+), batch (\d+) x (\d+)px, (MoCo v3, )?K=(\d+).*?(?:bn_splits=(\d+))?$", text, re.MULTILINE)
     if not m:
         return "", "model step"
-    splits = f", split BN {m.group(5)}" if m.group(5) and m.group(5) != "1" else ""
-    return m.group(1), f"model step, {m.group(1)} {m.group(3)} px, batch {m.group(2)}, K {int(m.group(4)):,}{splits}"
+    splits = f", split BN {m.group(6)}" if m.group(6) and m.group(6) != "1" else ""
+    negatives = "MoCo v3 (no queue)" if m.group(4) else f"K {int(m.group(5)):,}"
+    checkpointing = ", gradient checkpointing" if "grad_checkpointing=True" in text else ""
+    return m.group(1), (f"model step, {m.group(1)} {m.group(3)} px, batch {m.group(2)}, {negatives}{splits}"
+                        f"{checkpointing}")
 
 
 def pipeline_setting(text: str) -> tuple[str, str]:
@@ -76,7 +83,7 @@ def _find(folders: list[str], name: str) -> str | None:
 def step_rows(text: str) -> dict[str, tuple[float, float]]:
     """{implementation: (images/s, peak GiB)} from `bench_model_step.py` output."""
     rows = {}
-    for name in ("moco_hf MoCoModel", "official-style"):
+    for name in ("moco_hf MoCoModel", *BASELINES):
         m = re.search(rf"^{re.escape(name)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+|nan)", text, re.MULTILINE)
         if m:
             rows[name] = (float(m.group(3)), float(m.group(4)))
@@ -113,17 +120,19 @@ def summarize(folders: list[str]) -> list[tuple[str, str, float, str]]:
         text = _read(path)
         backbone, what = step_setting(text)
         rows = step_rows(text)
-        ours, base = rows.get("moco_hf MoCoModel"), rows.get("official-style")
+        ours = rows.get("moco_hf MoCoModel")
+        baseline = next((name for name in BASELINES if name in rows), "official-style")
+        base = rows.get(baseline)
         if ours:
             notes = []
             if base:
-                notes.append(f"{ours[0] / base[0]:.2f}x the official-style step")
+                notes.append(f"{ours[0] / base[0]:.2f}x the {baseline} step")
                 if ours[1] == ours[1] and base[1] == base[1]:  # not nan (CUDA only)
                     notes.append(f"peak {ours[1]:.1f} vs {base[1]:.1f} GiB")
             notes.append(_verdict(ours[0], target, backbone, expected))
             table.append((what, f"moco_hf{compile_mode(text)}", ours[0], "; ".join(n for n in notes if n)))
         if base:
-            table.append((what, "official-style", base[0], ""))
+            table.append((what, baseline, base[0], ""))
     for log in AUGMENT_LOGS:
         path = _find(folders, log)
         if path is not None:

@@ -1,4 +1,4 @@
-"""moco_hf: Momentum Contrast (MoCo v1/v2) as a transformers model over any timm backbone."""
+"""moco_hf: Momentum Contrast (MoCo v1/v2/v3) as a transformers model over any timm backbone."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
@@ -8,7 +8,10 @@ from .modeling_moco import (
     MoCoModel,
     MoCoModelOutput,
     MoCoPreTrainedModel,
+    ctr_loss,
     enqueue,
+    in_batch_labels,
+    in_batch_logits,
     info_nce_logits,
     info_nce_loss,
     momentum_update,
@@ -29,7 +32,10 @@ __all__ = [
     "MoCoModelOutput",
     "MoCoPreTrainedModel",
     "MoCoForImageClassification",
+    "ctr_loss",
     "enqueue",
+    "in_batch_labels",
+    "in_batch_logits",
     "info_nce_logits",
     "info_nce_loss",
     "momentum_update",

@@ -238,7 +238,7 @@ def build_model_card(
         found = next((training[k] for k in names if isinstance(training.get(k), str)), None)
         datasets = [found] if found and _is_repo_id(found) else None
 
-    version = "v2" if config.mlp_head else "v1"
+    version = config.moco_version
     is_classifier = "MoCoForImageClassification" in (config.architectures or [])
     data = ModelCardData(
         library_name="transformers",
@@ -253,11 +253,14 @@ def build_model_card(
         "",
         f"Momentum Contrast (MoCo {version}) pretraining of a timm `{config.backbone}` backbone, saved with "
         "moco_hf as a transformers `PreTrainedModel`. The query encoder's pooled features "
-        "(`pooler_output`) are the representation; the key encoder and the queue are kept so training can resume.",
+        f"(`pooler_output`) are the representation; the key encoder and the "
+        f"{'prediction head' if version == 'v3' else 'queue'} are kept so training can resume.",
         "",
         "- He et al., 2019, *Momentum Contrast for Unsupervised Visual Representation Learning* (MoCo v1), "
         "arXiv:1911.05722",
         "- Chen et al., 2020, *Improved Baselines with Momentum Contrastive Learning* (MoCo v2), arXiv:2003.04297",
+        *(["- Chen, Xie and He, 2021, *An Empirical Study of Training Self-Supervised Vision Transformers* (MoCo v3), "
+           "arXiv:2104.02057"] if version == "v3" else []),
         "",
         "## Results",
         "",
@@ -287,18 +290,19 @@ def _pct(value) -> str:
 
 def _recipe(config: MoCoConfig, training: dict[str, Any]) -> str:
     """The recipe in one line, from the model and the training configuration."""
-    version = "v2" if config.mlp_head else "v1"
-    parts = [f"MoCo {version}", f"`{config.backbone}`"]
+    parts = [f"MoCo {config.moco_version}", f"`{config.backbone}`"]
     if isinstance(training.get("steps"), int):
         parts.append(f"{training['steps']} steps")
     elif training.get("num_epochs"):
         parts.append(f"{training['num_epochs']} epochs")
     if training.get("batch_size"):
         parts.append(f"batch {training['batch_size']}")
-    parts += [f"K {config.queue_size}", f"m {config.momentum:g}", f"tau {config.tau:g}"]
+    parts += [f"K {config.queue_size}" if config.queue_size else "negatives from the batch",
+              f"m {config.momentum:g}", f"tau {config.tau:g}"]
     if training.get("base_lr") is not None:
         lr = training["base_lr"] * training.get("batch_size", 256) / 256
-        parts.append(f"SGD lr {lr:g} ({training.get('lr_schedule', 'cosine')})")
+        optimizer = {"sgd": "SGD", "adamw": "AdamW", "lars": "LARS"}.get(training.get("optimizer", "sgd"), "SGD")
+        parts.append(f"{optimizer} lr {lr:g} ({training.get('lr_schedule', 'cosine')})")
     if training.get("augmentation"):
         crop = training.get("crop_min_scale")
         parts.append(f"augmentation {training['augmentation']}" + (f" (crops {crop:g}-1)" if crop else ""))

@@ -1,8 +1,9 @@
 """MoCo: Momentum Contrast for unsupervised visual representation learning.
 
-He et al., 2019, "Momentum Contrast for Unsupervised Visual Representation Learning" (MoCo v1) and
-Chen et al., 2020, "Improved Baselines with Momentum Contrastive Learning" (MoCo v2), over any timm
-backbone.
+He et al., 2019, "Momentum Contrast for Unsupervised Visual Representation Learning" (MoCo v1),
+Chen et al., 2020, "Improved Baselines with Momentum Contrastive Learning" (MoCo v2) and Chen, Xie and He, 2021,
+"An Empirical Study of Training Self-Supervised Vision Transformers" (MoCo v3: no queue, a prediction head), over
+any timm backbone.
 
 This file depends only on torch, timm and transformers (plus the configuration file beside it), so
 `save_pretrained` can ship it with the weights for `trust_remote_code=True` loading.
@@ -34,9 +35,11 @@ class MoCoModelOutput(ModelOutput):
     """Output of [`MoCoModel`].
 
     Args:
-        loss: InfoNCE loss (train mode with a key view, or any mode when `key_pixel_values` is given).
+        loss: InfoNCE loss (train mode with a key view, or any mode when `key_pixel_values` is given); without a
+            queue, MoCo v3's `ctr` (see `labels`).
         logits: `[q.k+, q.queue] / tau`, N x (1+K), the positive in column 0 (fp32). With the symmetric
-            loss, the two directions are stacked: 2N x (1+K).
+            loss, the two directions are stacked: 2N x (1+K). Without a queue (MoCo v3), `q k^T / tau` against the
+            keys of the global batch, N x (world * N), the positive in column `labels`; 2N x (world * N) symmetric.
         last_hidden_state: the query backbone's unpooled features (`forward_features`).
         pooler_output: the query backbone's pooled features, N x num_features.
         query_embeddings: L2-normalised query projections q, N x embed_dim.
@@ -46,6 +49,9 @@ class MoCoModelOutput(ModelOutput):
             stages), per block for ViTs (N x L x D tokens, prefix tokens first, as in `last_hidden_state`).
         attentions: with `output_attentions`, the softmax weights of each attention block of the query backbone,
             N x heads x L x L (backbones with timm's attention modules: ViT, DeiT, ...).
+        labels: without a queue (MoCo v3), the column of each row's positive key in `logits`: rank x N + i for row
+            i of process `rank` ("labels offset by rank", as every process holds the whole key batch). None with a
+            queue, where the positive is column 0.
     """
 
     loss: torch.FloatTensor | None = None
@@ -56,6 +62,7 @@ class MoCoModelOutput(ModelOutput):
     key_embeddings: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    labels: torch.LongTensor | None = None
 
 
 # What every folder written by `save_pretrained` maps, so that each Auto class loads it with `trust_remote_code=True`
@@ -126,6 +133,39 @@ def info_nce_loss(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with the positive key at index 0 of every row."""
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, labels)
+
+
+def in_batch_logits(q: torch.Tensor, keys: torch.Tensor, tau: float) -> torch.Tensor:
+    """MoCo v3's logits `q k^T / tau` against the keys of the global batch, computed in fp32 (or wider: a float64
+    model keeps float64).
+
+    q: N x C (with grad), keys: M x C (no grad; M = world x N, every process's keys in rank order); both
+    L2-normalised. Returns N x M.
+    """
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return q.to(dtype) @ keys.to(dtype).T / tau  # N x M
+
+
+def in_batch_labels(n: int, rank: int, device: torch.device) -> torch.Tensor:
+    """The column of each query's positive key: rank x n + i for query i of process `rank`, whose keys sit at rows
+    rank x n .. rank x n + n - 1 of the gathered key batch."""
+    return torch.arange(n, device=device) + rank * n  # n
+
+
+def ctr_loss(logits: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """MoCo v3's contrastive loss, `ctr(q, k) = 2 tau * CrossEntropy(q k^T / tau, labels)` (Algorithm 1): the factor
+    2 tau makes the loss scale less sensitive to tau. logits: N x M (`in_batch_logits`), labels: N."""
+    return 2 * tau * F.cross_entropy(logits, labels)
+
+
+def sincos_position_embedding(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo v3's fixed 2-D sin-cos position embedding of a grid of patches: (H*W) x dim, the patch at row y and column
+    x getting [sin(y w), cos(y w), sin(x w), cos(x w)] with w_i = temperature^(-i / (dim / 4)), i < dim / 4 (timm's
+    `build_sincos2d_pos_embed` with the sines and cosines of each coordinate side by side)."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    return timm.layers.build_sincos2d_pos_embed(list(grid_size), dim, temperature, interleave_sin_cos=True)
 
 
 def _is_distributed() -> bool:
@@ -310,28 +350,95 @@ def _splits_in_one_pass(module: nn.Module) -> bool:
     )
 
 
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, batchnorm: bool, last_bn: bool) -> nn.Sequential:
+    """`num_layers` linear layers with ReLU between them; with `batchnorm`, a BatchNorm before each ReLU and the
+    linear layers without bias (the BatchNorm after each makes it redundant), and with `last_bn` a BatchNorm without
+    affine parameters after the last layer. Module indices: linear, [BN,] ReLU, linear, ..., [BN]."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, out_dim if last else hidden_dim, bias=not batchnorm))
+        if not last:
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.ReLU(inplace=True))
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
+
+
 class MoCoProjectionHead(nn.Module):
     """Projection from pooled backbone features to the contrastive embedding space.
 
     v1: "The output of the last layer is a 128-D vector ... from a fc layer" (single linear layer).
     v2: "we replace the fc head in MoCo with a 2-layer MLP head (hidden layer 2048-d, with ReLU)".
+    v3 (`num_layers` 3 for ViTs, 2 for ResNet-50; `batchnorm`): "The projection head is a 3-layer MLP ... The hidden
+    layers of both MLPs are 4096-d and are with ReLU; the output layers of both MLPs are 256-d, without ReLU. In MoCo
+    v3, all layers in both MLPs have BN, following SimCLR" (the last one's without affine parameters, as released).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None, mlp: bool = True):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None, mlp: bool = True,
+                 num_layers: int = 2, batchnorm: bool = False):
         super().__init__()
         if mlp:
-            hidden_dim = hidden_dim or in_dim
-            self.layers = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+            self.layers = _mlp(in_dim, hidden_dim or in_dim, out_dim, num_layers, batchnorm, last_bn=batchnorm)
         else:
             self.layers = nn.Sequential(nn.Linear(in_dim, out_dim))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features)
+        return self.layers(features)  # N x out_dim
+
+
+class MoCoPredictionHead(nn.Module):
+    """MoCo v3's prediction head, on the query side only: "f_q, a backbone, a projection head and an extra prediction
+    head" where "f_k ... has the backbone and projection head, but not the prediction head". "The prediction head is
+    a 2-layer MLP": linear (no bias), BN, ReLU, linear (no bias), dim -> hidden_dim -> dim; `last_bn` adds a
+    BatchNorm without affine parameters at the end (the released ViTs have it, the released ResNet-50s do not).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, last_bn: bool = False):
+        super().__init__()
+        self.layers = _mlp(dim, hidden_dim, dim, 2, batchnorm=True, last_bn=last_bn)
+
+    def forward(self, projections: torch.Tensor) -> torch.Tensor:
+        return self.layers(projections)  # N x dim
 
 
 def create_backbone(config: MoCoConfig) -> nn.Module:
     """The timm model named by the config, without classifier: `model(x)` returns pooled features."""
     return timm.create_model(config.backbone, pretrained=False, num_classes=0, **(config.backbone_kwargs or {}))
+
+
+def _check_vit_settings(backbone: nn.Module, config: MoCoConfig) -> None:
+    """`freeze_patch_embed` and `sincos_pos_embed` need a ViT's patch embedding (and position embedding over its
+    patch grid): a clear error for other backbones."""
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if config.freeze_patch_embed and not isinstance(getattr(patch_embed, "proj", None), nn.Module):
+        raise ValueError(
+            f"freeze_patch_embed=True needs a backbone with a patch projection (timm's patch_embed.proj, as in "
+            f"vit_*); {config.backbone!r} has none: set freeze_patch_embed=False"
+        )
+    if config.sincos_pos_embed:
+        pos_embed, grid = getattr(backbone, "pos_embed", None), getattr(patch_embed, "grid_size", None)
+        prefix = 0 if getattr(backbone, "no_embed_class", False) else getattr(backbone, "num_prefix_tokens", 0)
+        if not isinstance(pos_embed, torch.Tensor) or grid is None or pos_embed.shape[-2] != prefix + math.prod(grid):
+            raise ValueError(
+                f"sincos_pos_embed=True needs a ViT whose pos_embed covers its patch grid (timm's vit_*); "
+                f"{config.backbone!r} has none: set sincos_pos_embed=False"
+            )
+
+
+@torch.no_grad()
+def _fill_sincos_pos_embed(backbone: nn.Module) -> None:
+    """Write the fixed 2-D sin-cos position embedding into a timm ViT's `pos_embed` (zeros for the class token), as
+    MoCo v3's ViTs. Tensors on the meta device (inside `from_pretrained`) are left for the checkpoint to fill."""
+    pos_embed = backbone.pos_embed  # 1 x (prefix + H*W) x D
+    if pos_embed.device.type == "meta":
+        return
+    patches = sincos_position_embedding(tuple(backbone.patch_embed.grid_size), pos_embed.shape[-1])  # H*W x D
+    prefix = pos_embed.shape[-2] - patches.shape[0]
+    values = torch.cat([patches.new_zeros(prefix, patches.shape[1]), patches])  # (prefix + H*W) x D
+    pos_embed.copy_(values.view_as(pos_embed))
 
 
 def _mark_initialised(module: nn.Module) -> None:
@@ -459,6 +566,9 @@ class MoCoBackbone(nn.Module):
         self.backbone = create_backbone(config)
         _mark_initialised(self.backbone)
         self.backbone_name = config.backbone
+        _check_vit_settings(self.backbone, config)
+        if config.sincos_pos_embed:
+            _fill_sincos_pos_embed(self.backbone)
         self.split_bn = False
         self.gradient_checkpointing = False
         self._intermediates = _intermediates_kwargs(self.backbone)
@@ -589,7 +699,8 @@ class MoCoEncoder(MoCoBackbone):
     def __init__(self, config: MoCoConfig):
         super().__init__(config)
         self.head = MoCoProjectionHead(
-            self.backbone.num_features, config.embed_dim, config.mlp_hidden_dim, mlp=config.mlp_head
+            self.backbone.num_features, config.embed_dim, config.mlp_hidden_dim, mlp=config.mlp_head,
+            num_layers=config.mlp_layers, batchnorm=config.mlp_bn,
         )
         # At rest the split BatchNorms have one split (plain BatchNorm); `__call__` sets `splits` for one call.
         self.split_bn = config.bn_splits > 1 and _splits_in_one_pass(self)
@@ -753,12 +864,16 @@ class MoCoPreTrainedModel(PreTrainedModel):
 
 
 class MoCoModel(MoCoPreTrainedModel):
-    """MoCo pretraining model: query encoder, momentum key encoder and queue of negative keys.
+    """MoCo pretraining model: query encoder, momentum key encoder and queue of negative keys (v1, v2), or query
+    encoder with a prediction head and momentum key encoder, without a queue (v3).
 
     In train mode with both views, `forward` is one step of Algorithm 1 of the paper: momentum update of the key
     encoder, keys (no gradient, shuffled BN), logits [q.k+, q.queue]/tau, InfoNCE loss, enqueue of the keys.
-    In eval mode it changes no state. With only `pixel_values` it encodes the queries: no momentum update, no
-    enqueue (in train mode the query encoder's BatchNorm running statistics still move, as in any forward).
+    With `queue_size=0` it is one step of MoCo v3's Algorithm 1: momentum update, each view through the query
+    encoder and the prediction head in its own forward (BatchNorm statistics per view), then through the key
+    encoder, keys gathered from every process, `ctr(q1, k2) + ctr(q2, k1)` (`symmetric=True`; `ctr(q1, k2)`
+    otherwise). In eval mode it changes no state. With only `pixel_values` it encodes the queries: no momentum update,
+    no enqueue (in train mode the query encoder's BatchNorm running statistics still move, as in any forward).
     """
 
     _keys_to_ignore_on_load_missing = [r"^key_encoder\.", r"^queue$", r"^queue_ptr$"]
@@ -768,9 +883,16 @@ class MoCoModel(MoCoPreTrainedModel):
         super().__init__(config)
         self.query_encoder = MoCoEncoder(config)
         self.key_encoder = MoCoEncoder(config)
+        if config.predictor_hidden_dim:
+            self.predictor = MoCoPredictionHead(config.embed_dim, config.predictor_hidden_dim, config.predictor_last_bn)
+        else:
+            self.predictor = None
         self._freeze()
-        self.register_buffer("queue", torch.empty(config.queue_size, config.embed_dim))  # K x C, rows L2-normalised
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        if config.queue_size:
+            self.register_buffer("queue", torch.empty(config.queue_size, config.embed_dim))  # K x C, rows unit norm
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        else:  # MoCo v3: the negatives are the batch's keys; nothing in the state dict
+            self.queue = self.queue_ptr = None
         self.post_init()
         self._copy_query_to_key()
 
@@ -785,14 +907,21 @@ class MoCoModel(MoCoPreTrainedModel):
                 key_state[name].copy_(tensor)
 
     def _freeze(self) -> None:
+        """The key encoder never gets gradients; with MoCo v3's ViT settings neither do the query backbone's patch
+        projection (`freeze_patch_embed`) and position embedding (`sincos_pos_embed`)."""
         self.key_encoder.requires_grad_(False)
+        backbone = self.query_encoder.backbone
+        if self.config.freeze_patch_embed:
+            backbone.patch_embed.proj.requires_grad_(False)
+        if self.config.sincos_pos_embed:
+            backbone.pos_embed.requires_grad_(False)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # Reached for the model itself only while the queue or its pointer still needs values (fresh model, or a
         # checkpoint without them): transformers skips custom-code modules whose own tensors are all loaded.
         super()._init_weights(module)
-        if module is self:
+        if module is self and self.queue is not None:
             queue = torch.randn(self.queue.shape, device=self.queue.device, dtype=torch.float32)
             init.copy_(self.queue, F.normalize(queue, dim=1).to(self.queue.dtype))
             init.zeros_(self.queue_ptr)
@@ -809,6 +938,8 @@ class MoCoModel(MoCoPreTrainedModel):
 
     def reset_queue(self) -> None:
         """Fill the queue with fresh random unit vectors and rewind the pointer."""
+        if self.queue is None:
+            raise ValueError("this model has no queue (queue_size=0, MoCo v3): there is nothing to reset")
         with torch.no_grad():
             self.queue.copy_(F.normalize(torch.randn_like(self.queue, dtype=torch.float32), dim=1))
             self.queue_ptr.zero_()
@@ -817,11 +948,20 @@ class MoCoModel(MoCoPreTrainedModel):
         """The query encoder's timm backbone (the part kept after pretraining)."""
         return self.query_encoder.backbone
 
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that take no weight decay beside biases and norm weights: the backbone's own list (a
+        ViT's class token and position embedding), as timm's optimiser factory reads it
+        (`timm.optim.create_optimizer_v2(model, ...)`)."""
+        names = getattr(self.query_encoder.backbone, "no_weight_decay", lambda: ())()
+        return {f"query_encoder.backbone.{name}" for name in names}
+
     # -- algorithm pieces ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def momentum_update_key_encoder(self) -> None:
-        momentum_update(list(self.key_encoder.parameters()), list(self.query_encoder.parameters()), self.config.momentum)
+    def momentum_update_key_encoder(self, momentum: float | None = None) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q with m = `momentum`, or the config's when None."""
+        m = self.config.momentum if momentum is None else momentum
+        momentum_update(list(self.key_encoder.parameters()), list(self.query_encoder.parameters()), m)
 
     @torch.no_grad()
     def _keys(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -834,8 +974,8 @@ class MoCoModel(MoCoPreTrainedModel):
         splits = self.config.bn_splits
         if _is_distributed():
             world, rank = dist.get_world_size(), dist.get_rank()
-            images = all_gather_cat(pixel_values)  # world*N x 3 x H x W
             if self.config.shuffle_bn:
+                images = all_gather_cat(pixel_values)  # world*N x 3 x H x W
                 perm = torch.randperm(images.shape[0], device=images.device)
                 dist.broadcast(perm, src=0)
                 mine = perm.view(world, -1)[rank]
@@ -856,6 +996,22 @@ class MoCoModel(MoCoPreTrainedModel):
         k = F.normalize(k, dim=1)
         return k, k
 
+    def _queries(
+        self,
+        pixel_values: torch.Tensor,
+        splits: int = 1,
+        output_hidden_states: bool | list[int] = False,
+        output_attentions: bool = False,
+    ):
+        """(features, pooled, q, hidden_states, attentions) of the query encoder, q through the prediction head where
+        there is one, L2-normalised (N x C)."""
+        features, pooled, q, hidden_states, attentions = self.query_encoder.forward_all(
+            pixel_values, splits, output_hidden_states, output_attentions
+        )
+        if self.predictor is not None:
+            q = self.predictor(q)  # N x C
+        return features, pooled, F.normalize(q, dim=1), hidden_states, attentions
+
     def _contrast(
         self,
         view_q: torch.Tensor,
@@ -864,13 +1020,57 @@ class MoCoModel(MoCoPreTrainedModel):
         output_attentions: bool = False,
     ):
         """Query forward, keys and logits for one direction (queries from view_q, keys from view_k)."""
-        features, pooled, q, hidden_states, attentions = self.query_encoder.forward_all(
+        features, pooled, q, hidden_states, attentions = self._queries(
             view_q, self.config.bn_splits, output_hidden_states, output_attentions
-        )
-        q = F.normalize(q, dim=1)  # N x C
+        )  # q: N x C
         k, k_all = self._keys(view_k)  # N x C, world*N x C
         logits = info_nce_logits(q, k, self.queue, self.config.tau)  # N x (1+K)
         return features, pooled, q, k, k_all, logits, hidden_states, attentions
+
+    def _in_batch_step(
+        self,
+        view_1: torch.Tensor,
+        view_2: torch.Tensor,
+        output_hidden_states: bool | list[int] = False,
+        output_attentions: bool = False,
+    ) -> MoCoModelOutput:
+        """MoCo v3's Algorithm 1 after the momentum update, without a queue:
+
+            q1, q2 = f_q(x1), f_q(x2)  # queries: [N, C] each
+            k1, k2 = f_k(x1), f_k(x2)  # keys: [N, C] each
+            loss = ctr(q1, k2) + ctr(q2, k1)  # symmetrized
+
+        Each call of an encoder is one forward of one view, so BatchNorm normalises each view with its own
+        statistics. The keys of every process are gathered; the logits of this process's queries against all of them
+        put the positives at `in_batch_labels` (rank offset). Without `symmetric`: q1, k2 and `ctr(q1, k2)` only.
+        """
+        tau, symmetric = self.config.tau, self.config.symmetric
+        features, pooled, q1, hidden_states, attentions = self._queries(
+            view_1, 1, output_hidden_states, output_attentions
+        )  # q1: N x C
+        q2 = self._queries(view_2)[2] if symmetric else None  # N x C
+        k1_all = self._keys(view_1)[1] if symmetric else None  # world*N x C
+        k2, k2_all = self._keys(view_2)  # N x C, world*N x C
+        rank = dist.get_rank() if _is_distributed() else 0
+        labels = in_batch_labels(q1.shape[0], rank, q1.device)  # N
+        logits = in_batch_logits(q1, k2_all, tau)  # N x world*N
+        loss = ctr_loss(logits, labels, tau)
+        if symmetric:
+            logits_21 = in_batch_logits(q2, k1_all, tau)  # N x world*N
+            loss = loss + ctr_loss(logits_21, labels, tau)
+            logits = torch.cat([logits, logits_21], dim=0)  # 2N x world*N
+            labels = torch.cat([labels, labels], dim=0)  # 2N
+        return MoCoModelOutput(
+            loss=loss,
+            logits=logits,
+            last_hidden_state=features,
+            pooler_output=pooled,
+            query_embeddings=q1,
+            key_embeddings=k2,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            labels=labels,
+        )
 
     # -- forward ------------------------------------------------------------------------------------------
 
@@ -881,6 +1081,7 @@ class MoCoModel(MoCoPreTrainedModel):
         output_hidden_states: bool | list[int] | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        momentum: float | None = None,
     ) -> MoCoModelOutput | tuple:
         """One step of Algorithm 1 (train mode, both views), the contrastive loss without any update (eval mode, both
         views), or the query features (one view).
@@ -888,19 +1089,23 @@ class MoCoModel(MoCoPreTrainedModel):
         `output_hidden_states` (a bool, or indices of stages/blocks as timm's `indices`) and `output_attentions` add
         the query backbone's hidden states and attention weights (see [`MoCoModelOutput`]); unset, the config's.
         `return_dict=False` returns `to_tuple()` of the output: its fields in order, without the `None`s.
+        `momentum`: m of this step's key-encoder update (a schedule's value, as MoCo v3's cosine rise to 1);
+        the config's `momentum` when None.
         """
         output_hidden_states, output_attentions, return_dict = self._output_options(
             output_hidden_states, output_attentions, return_dict
         )
         _check_images(pixel_values, "pixel_values")
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum must be a number in [0, 1] (MoCo v3 rises from 0.99 to 1), got {momentum!r}")
         if key_pixel_values is None:
-            features, pooled, q, hidden_states, attentions = self.query_encoder.forward_all(
+            features, pooled, q, hidden_states, attentions = self._queries(
                 pixel_values, 1, output_hidden_states, output_attentions
             )
             output = MoCoModelOutput(
                 last_hidden_state=features,
                 pooler_output=pooled,
-                query_embeddings=F.normalize(q, dim=1),
+                query_embeddings=q,
                 hidden_states=hidden_states,
                 attentions=attentions,
             )
@@ -914,7 +1119,7 @@ class MoCoModel(MoCoPreTrainedModel):
             )
         global_batch = pixel_values.shape[0] * (dist.get_world_size() if _is_distributed() else 1)
         enqueued = global_batch * (2 if self.config.symmetric else 1)
-        if enqueued > self.config.queue_size:
+        if self.queue is not None and enqueued > self.config.queue_size:
             raise ValueError(
                 f"queue_size={self.config.queue_size} is smaller than the {enqueued} keys enqueued per step "
                 f"(global batch {global_batch}{' x 2 views' if self.config.symmetric else ''}); "
@@ -923,7 +1128,11 @@ class MoCoModel(MoCoPreTrainedModel):
 
         update = self.training
         if update:
-            self.momentum_update_key_encoder()
+            self.momentum_update_key_encoder(momentum)
+
+        if self.queue is None:
+            output = self._in_batch_step(pixel_values, key_pixel_values, output_hidden_states, output_attentions)
+            return output if return_dict else output.to_tuple()
 
         features, pooled, q, k, k_all, logits, hidden_states, attentions = self._contrast(
             pixel_values, key_pixel_values, output_hidden_states, output_attentions
@@ -955,11 +1164,13 @@ class MoCoForImageClassification(MoCoPreTrainedModel):
     """The query backbone of a MoCo checkpoint with a fresh linear classifier on its pooled features.
 
     `MoCoForImageClassification.from_pretrained(moco_checkpoint, num_labels=N)` keeps the query backbone and drops
-    the key encoder, queue and projection head. With `freeze_backbone=True` the backbone gets no gradient and stays
+    the key encoder, queue, projection head and prediction head. With `freeze_backbone=True` the backbone gets no gradient and stays
     in eval mode (the linear evaluation protocol), so its BatchNorm statistics do not move.
     """
 
-    _keys_to_ignore_on_load_unexpected = [r"^key_encoder\.", r"^queue$", r"^queue_ptr$", r"^query_encoder\.head\."]
+    _keys_to_ignore_on_load_unexpected = [
+        r"^key_encoder\.", r"^queue$", r"^queue_ptr$", r"^query_encoder\.head\.", r"^predictor\."
+    ]
     _keys_to_ignore_on_load_missing = [r"^classifier\."]
     _auto_class = "AutoModelForImageClassification"  # save_pretrained copies the code files (see AUTO_MAP)
 
@@ -1048,6 +1259,7 @@ __all__ = [
     "SplitBatchNorm2d",
     "convert_split_batchnorm",
     "MoCoProjectionHead",
+    "MoCoPredictionHead",
     "MoCoEncoder",
     "MoCoPreTrainedModel",
     "MoCoModel",
@@ -1056,4 +1268,8 @@ __all__ = [
     "enqueue",
     "info_nce_logits",
     "info_nce_loss",
+    "in_batch_logits",
+    "in_batch_labels",
+    "ctr_loss",
+    "sincos_position_embedding",
 ]

@@ -38,7 +38,8 @@ from .representation import FeatureSet, auto_knn_k, compare, extract_features, f
 from .modeling_moco import MoCoModel
 from .preprocessing import default_data_config, save_image_processor
 from .run_folder import check_output_dir, clear_run, save_checkpoint, share_files, write_run_config
-from .training import StepProfiler, StopSignals, TrainState, lr_at, uses_cuda_graphs
+from .sync_batchnorm import convert_sync_batchnorm
+from .training import StepProfiler, StopSignals, TrainState, create_optimizer, lr_at, momentum_at, uses_cuda_graphs
 from .views import BatchStream, CachedViews, CPUViews, DeviceImageCache, GPUViews, ImageChunk
 
 logger = logging.getLogger("pretrain")
@@ -413,6 +414,9 @@ def start(cfg) -> Run:
         write_run_config(cfg.output_dir, dataclasses.asdict(cfg))
     accelerator.wait_for_everyone()
 
+    if accelerator.num_processes > 1 and cfg.queue_size == 0:
+        # MoCo v3 normalises over the global batch: BatchNorm synchronised across processes (heads, ResNet backbones)
+        model = convert_sync_batchnorm(model, accelerator.device)
     compile = cfg.compile and compiles_on(accelerator.device)
     if cfg.compile and not compile:
         accelerator.print(f"compile: true is for GPUs; on {accelerator.device.type} the encoders run eagerly "
@@ -422,8 +426,7 @@ def start(cfg) -> Run:
         model.key_encoder.compile(mode=cfg.compile_mode)
     lr = cfg.base_lr * cfg.batch_size / 256
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    optimizer = create_optimizer(model, cfg.optimizer, lr, cfg.weight_decay, cfg.sgd_momentum)
     schedule = lambda step: lr_at(step, total_steps, steps_per_epoch, lr, cfg.lr_schedule, warmup,  # noqa: E731
                                   cfg.lr_steps) / lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -431,10 +434,12 @@ def start(cfg) -> Run:
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
 
+    negatives = f"K={cfg.queue_size}" if cfg.queue_size else "no queue (MoCo v3: negatives from the batch)"
+    momentum = f"m={cfg.momentum}" + (" rising to 1 (cosine)" if cfg.momentum_schedule == "cosine" else "")
     accelerator.print(
         f"global batch {cfg.batch_size} = {accelerator.num_processes} x {cfg.batch_size // accelerator.num_processes}; "
-        f"lr {lr:g} ({cfg.base_lr:g} x {cfg.batch_size}/256, {cfg.lr_schedule}); {num_examples} images, "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps; K={cfg.queue_size} m={cfg.momentum} tau={cfg.tau}; "
+        f"{cfg.optimizer} lr {lr:g} ({cfg.base_lr:g} x {cfg.batch_size}/256, {cfg.lr_schedule}); {num_examples} "
+        f"images, {steps_per_epoch} steps/epoch, {total_steps} steps; {negatives} {momentum} tau={cfg.tau}; "
         f"device {accelerator.device}, mixed precision {cfg.mixed_precision}, "
         f"augmentation {cfg.augmentation} on {'the device, batched' if gpu_views else 'CPU workers'}"
     )
@@ -544,7 +549,8 @@ def train_step(run: Run, window: LogWindow):
     view_q, view_k, skipped = run.views.next(run.state.step)
     window.data_time += time.perf_counter() - fetch_start
     window.skipped += skipped
-    out = run.model(pixel_values=view_q, key_pixel_values=view_k)
+    momentum = momentum_at(run.state.step, run.total_steps, run.cfg.momentum, run.cfg.momentum_schedule)
+    out = run.model(pixel_values=view_q, key_pixel_values=view_k, momentum=momentum)
     run.accelerator.backward(out.loss)
     run.optimizer.step()
     run.scheduler.step()
@@ -572,7 +578,9 @@ class LogWindow:
     def after_step(self, out) -> None:
         self.steps += 1
         with torch.no_grad():
-            self.sums += torch.stack([out.loss.detach().float(), (out.logits.argmax(dim=1) == 0).float().mean()])
+            positives = out.labels if out.labels is not None else 0  # MoCo v3: the diagonal; else column 0
+            self.sums += torch.stack([out.loss.detach().float(),
+                                      (out.logits.argmax(dim=1) == positives).float().mean()])
         step = self.run.state.step
         if step % self.run.cfg.log_steps == 0 or step == self.stop_at:
             self.flush()
@@ -585,6 +593,7 @@ class LogWindow:
         new = self.count_skipped()
         elapsed = time.perf_counter() - self.start
         log = {"loss": reduced[0], "contrastive_acc": 100 * reduced[1], "lr": run.scheduler.get_last_lr()[0],
+               "momentum": momentum_at(step - 1, run.total_steps, cfg.momentum, cfg.momentum_schedule),
                "images_per_s": self.steps * cfg.batch_size / elapsed, "epoch": step / run.steps_per_epoch,
                "skipped_images": run.state.skipped_images, "data_time_fraction": self.data_time / elapsed}
         run.accelerator.log(log, step=step)

@@ -1,5 +1,5 @@
-"""Pieces of the pretraining loop (`moco_hf.pretraining`): lr schedule, loop state, profiler, CUDA-graph modes, the
-scheduler's stop signals."""
+"""Pieces of the pretraining loop (`moco_hf.pretraining`): lr and momentum schedules, the optimiser, loop state,
+profiler, CUDA-graph modes, the scheduler's stop signals."""
 
 from __future__ import annotations
 
@@ -41,6 +41,46 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, base_lr: float, sch
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     epoch = step / max(1, steps_per_epoch)
     return base_lr * 0.1 ** sum(epoch >= m for m in milestones_epochs)
+
+
+def momentum_at(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:
+    """The key encoder's momentum m for optimizer step `step` (0-based), applied in that step's momentum update.
+
+    constant: `base` throughout (MoCo v1, v2). cosine: MoCo v3's rise from `base` to 1 on a half-cycle cosine (as
+    BYOL), 1 - (1 - base) * (1 + cos(pi * step / total_steps)) / 2: m(0) = base, 1 at the end of training.
+    """
+    if schedule == "constant":
+        return base
+    if schedule != "cosine":
+        raise ValueError(f"momentum_schedule must be constant or cosine, got {schedule!r}")
+    progress = min(1.0, step / max(1, total_steps))
+    return 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+OPTIMIZERS = ("sgd", "adamw", "lars")
+
+
+def create_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float,
+                     momentum: float = 0.9) -> torch.optim.Optimizer:
+    """The optimiser of a run, over the parameters that require gradients.
+
+    sgd: `torch.optim.SGD` over every trainable parameter with the same weight decay, as the official MoCo v1/v2
+    code. adamw (MoCo v3's ViTs) and lars (its ResNet-50s): timm's factory (`timm.optim.create_optimizer_v2`:
+    `torch.optim.AdamW`, timm's `Lars` with trust coefficient 0.001) with timm's parameter groups: biases, norm
+    weights (every parameter of at most one dimension) and the names in `model.no_weight_decay()` (a ViT's class
+    token) get no weight decay, and timm's `Lars` leaves the groups without weight decay out of its layer-wise
+    adaptation as well (it adapts only where `weight_decay != 0`).
+    """
+    if name == "sgd":
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+                               weight_decay=weight_decay)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    import timm.optim
+
+    kwargs = {"momentum": momentum} if name == "lars" else {}
+    return timm.optim.create_optimizer_v2(model, name, lr=lr, weight_decay=weight_decay, filter_bias_and_bn=True,
+                                          **kwargs)
 
 
 @dataclass

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tarfile
 
-import pytest
 import torch
 from PIL import Image
 

@@ -324,7 +324,7 @@ def test_invalid_parameters_raise():
     with pytest.raises(ValueError):
         G.RandomResizedCrop(224, scale=(0.5, 0.2))
     with pytest.raises(ValueError):
-        G.MoCoGPUAugment("v3")
+        G.MoCoGPUAugment("v4")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

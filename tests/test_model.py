@@ -464,7 +464,7 @@ def test_fresh_model_keeps_timm_initialisation(backbone):
         (dict(tau=0.0), "tau"),
         (dict(tau=-0.2), "tau"),
         (dict(backbone="not_a_timm_model"), "timm"),
-        (dict(queue_size=0), "queue_size"),
+        (dict(queue_size=-1), "queue_size"),  # 0 is MoCo v3 (no queue)
         (dict(bn_splits=0), "bn_splits"),
     ],
 )

@@ -280,7 +280,11 @@ def test_shipped_configs_parse_and_build(name):
 
 
 @pytest.mark.parametrize("name, scale", [("moco_v1_resnet50_imagenet.yaml", 0.2), ("moco_v2_resnet50_imagenet.yaml", 0.2),
-                                         ("moco_v2_vit_small_imagenet.yaml", 0.2), ("moco_v2_resnet18_cifar10.yaml", 0.08)])
+                                         ("moco_v2_vit_small_imagenet_exploratory.yaml", 0.2),
+                                         ("moco_v2_resnet18_cifar10.yaml", 0.08), ("moco_v3_vit_small_imagenet.yaml", 0.08),
+                                         ("moco_v3_vit_small_imagenet_1gpu.yaml", 0.08),
+                                         ("moco_v3_vit_base_imagenet.yaml", 0.08), ("moco_v3_resnet50_imagenet.yaml", 0.2),
+                                         ("moco_v3_resnet18_cifar10.yaml", 0.08)])
 def test_paper_configs_crop_as_published(name, scale):
     """The demo's crop scale (0.4, the default) must not leak into the paper configs, on either augmentation path."""
     from moco_hf.data.transforms import TwoViewTransform

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from _reference import sgd
 from transformers import AutoModel
@@ -51,8 +52,17 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_trust_remote_code_without_moco_hf(tmp_path):
-    config = MoCoConfig(backbone="test_resnet", embed_dim=16, queue_size=20, momentum=0.9)
+CONFIGS = {
+    "v2": lambda: MoCoConfig(backbone="test_resnet", embed_dim=16, queue_size=20, momentum=0.9),
+    # no queue, a prediction head, BatchNorm heads, a frozen patch projection and sin-cos positions
+    "v3": lambda: MoCoConfig.v3("test_vit", backbone_kwargs={"img_size": 32}, embed_dim=16, mlp_hidden_dim=32,
+                                predictor_hidden_dim=32, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("version", CONFIGS)
+def test_trust_remote_code_without_moco_hf(tmp_path, version):
+    config = CONFIGS[version]()
     model = MoCoModel(config).train()
     out = model(torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32))  # move the queue and BN statistics
     optimizer = sgd([p for p in model.parameters() if p.requires_grad], 0.1)

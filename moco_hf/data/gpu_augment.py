@@ -1,4 +1,4 @@
-"""Batched MoCo v1/v2 augmentation that runs on the batch's device (CUDA in training, CPU in tests).
+"""Batched MoCo v1/v2/v3 augmentation that runs on the batch's device (CUDA in training, CPU in tests).
 
 The CPU path (`transforms.py`) follows the official MoCo code: one PIL image at a time in dataloader workers. Here the
 same recipe runs on a whole batch with plain torch ops, every random parameter drawn per sample:
@@ -6,7 +6,8 @@ same recipe runs on a whole batch with plain torch ops, every random parameter d
     images (N x 3 x H x W uint8, or a list of 3 x H_i x W_i uint8, e.g. from `decode_jpegs(..., device="cuda")`)
       -> RandomResizedCrop    torchvision's sampler (10 tries, then a central crop), one uint8 gather of the 4
                               bilinear taps (`crop_taps`), then the blend in float32 (`blend_taps`)
-      -> colour ops           per preset: ColorJitter (per-sample random order), RandomGrayscale, GaussianBlur
+      -> colour ops           per preset: ColorJitter (per-sample random order), RandomGrayscale, GaussianBlur,
+                              RandomSolarize (v3's view 2)
       -> RandomHorizontalFlip
       -> Normalize            float N x 3 x S x S, optionally channels_last / bf16
 
@@ -21,7 +22,8 @@ compiled calls on the host instead of about 150 ops (what matters at 32 px, wher
 MoCo v1 (He et al., 2019, Sec. 4.1): "a 224x224-pixel crop is taken from a randomly resized image, and then
 undergoes random color jittering, random horizontal flip, and random grayscale conversion" (the official code puts
 the grayscale before the jitter). MoCo v2 (Chen et al., 2020): v1 plus "the blur augmentation", a stronger
-colour distortion applied with p=0.8, as in SimCLR.
+colour distortion applied with p=0.8, as in SimCLR. MoCo v3 (Chen, Xie and He, 2021): BYOL's asymmetric views, each
+view with its own preset (`presets.VIEW_PRESETS`): blur always on view 1, with p 0.1 on view 2, solarize on view 2.
 
 Every op is a frozen dataclass with `sample(...)` (the random parameters, one row per sample, drawn from a
 `torch.Generator` on the batch's device; `from_uniforms(u)` computes them from `num_uniforms` U[0, 1) draws per
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .presets import PRESETS, AugmentPreset, get_preset
+from .presets import CIFAR_RECIPES, VIEW_PRESETS, AugmentPreset, get_preset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -611,6 +613,32 @@ class GaussianBlur:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Solarize
+# --------------------------------------------------------------------------------------------------------------------
+
+
+# PIL's `ImageOps.solarize` inverts the 8-bit levels at or above 128 (BYOL, MoCo v3); on float images in [0, 1]
+SOLARIZE_THRESHOLD = 128 / 255
+
+
+def solarize(images: Tensor, apply: Tensor, threshold: float = SOLARIZE_THRESHOLD) -> Tensor:
+    """1 - x where x >= threshold, on the samples where `apply` (N bools): `F.solarize` on float images."""
+    return torch.where(_per_sample(apply) & (images >= threshold), 1.0 - images, images)
+
+
+@dataclass(frozen=True)
+class RandomSolarize(_RandomApply):
+    """Solarize each sample with probability p (0.2 on MoCo v3's view 2): the pixels at or above `threshold`
+    (128 of 255, PIL's default) inverted, channel by channel."""
+
+    p: float = 0.2
+    threshold: float = SOLARIZE_THRESHOLD
+
+    def apply(self, images: Tensor, params: Tensor) -> Tensor:
+        return solarize(images, params, self.threshold)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Normalize
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -641,14 +669,16 @@ def _normalize_to(images: Tensor, scale: Tensor, shift: Tensor, dtype: torch.dty
 
 
 def build_ops(preset: str | AugmentPreset, size: int) -> tuple:
-    """The ops after the crop, in the order of the official recipe for `preset` (a name of `presets.PRESETS` or an
-    `AugmentPreset`): the jitter and the grayscale (v1: grayscale first), the blur where the preset has one, the flip
-    last."""
+    """The ops after the crop, in the order of the official recipe for `preset` (a name of `presets.PRESETS`, view 1
+    of a two-view recipe, or an `AugmentPreset`): the jitter and the grayscale (v1: grayscale first), the blur and the
+    solarize where the preset has them, the flip last."""
     p = get_preset(preset)
     jitter, grey = ColorJitter(*p.jitter, p=p.jitter_prob), RandomGrayscale(p.grayscale_prob)
     ops = [grey, jitter] if p.grayscale_first else [jitter, grey]
     if p.blur_prob > 0:
         ops.append(GaussianBlur(default_blur_kernel_size(size), p.blur_sigma, p=p.blur_prob))
+    if p.solarize_prob > 0:
+        ops.append(RandomSolarize(p.solarize_prob))
     ops.append(RandomHorizontalFlip(p.flip_prob))
     return tuple(ops)
 
@@ -667,9 +697,11 @@ class MoCoGPUAugment:
         preset: "v1" (crop, grayscale 0.2, jitter 0.4/0.4/0.4/0.4, flip), "v2" (crop, jitter 0.4/0.4/0.4/0.1
             with p=0.8, grayscale 0.2, blur sigma 0.1-2 with p=0.5, flip) or "cifar" (v2 without the blur);
             v1 and v2 crop with scale (0.2, 1), cifar with torchvision's default (0.08, 1) as the official demo.
-        size: output side in pixels; default 224, or 32 for "cifar".
-        mean: per-channel normalisation mean; default ImageNet's, or CIFAR-10's for "cifar".
-        std: per-channel normalisation std; default ImageNet's, or CIFAR-10's for "cifar".
+            "v3": view 1 crop (0.08, 1), jitter 0.4/0.4/0.2/0.1 with p=0.8, grayscale 0.2, blur with p=1, flip;
+            view 2 the same with blur p=0.1 and solarize p=0.2 (`two_views`, or `view=1`); "v3_cifar" without blur.
+        size: output side in pixels; default 224, or 32 for "cifar" and "v3_cifar".
+        mean: per-channel normalisation mean; default ImageNet's, or CIFAR-10's for the 32 px recipes.
+        std: per-channel normalisation std; default ImageNet's, or CIFAR-10's for the 32 px recipes.
         generator: source of every random draw; must live on the batches' device. Default: torch's global RNG.
         dtype: output dtype; default float32 (all the maths runs in float32).
         channels_last: return channels_last tensors; default False.
@@ -693,13 +725,17 @@ class MoCoGPUAugment:
         crop_scale: tuple[float, float] | None = None,
         compile: bool = False,
     ):
-        cifar = preset == "cifar"
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+        cifar = preset in CIFAR_RECIPES
+        if preset not in VIEW_PRESETS:
+            raise ValueError(f"preset must be one of {tuple(VIEW_PRESETS)}, got {preset!r}")
         self.preset = preset
         self.size = size if size is not None else (32 if cifar else 224)
-        self.crop = RandomResizedCrop(self.size, scale=tuple(crop_scale or PRESETS[preset].crop_scale))
-        self.ops = build_ops(preset, self.size)
+        views = VIEW_PRESETS[preset]
+        self.crop = RandomResizedCrop(self.size, scale=tuple(crop_scale or views[0].crop_scale))
+        # the ops of view 1 and view 2 (the same tuple for the symmetric recipes); `ops` is view 1's
+        self.view_ops = tuple(build_ops(view, self.size) for view in views)
+        self.ops = self.view_ops[0]
+        self._asymmetric = self.view_ops[0] != self.view_ops[1]
         self.mean = tuple(mean if mean is not None else (CIFAR10_MEAN if cifar else IMAGENET_MEAN))
         self.std = tuple(std if std is not None else (CIFAR10_STD if cifar else IMAGENET_STD))
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -709,7 +745,7 @@ class MoCoGPUAugment:
         self.channels_last = channels_last
         self.compile = compile
         self._scale_shift: dict[torch.device, tuple[Tensor, Tensor]] = {}  # no host-to-device copy per batch
-        self._num_uniforms = self.crop.num_uniforms + sum(op.num_uniforms for op in self.ops)
+        self._num_uniforms = tuple(self.crop.num_uniforms + sum(op.num_uniforms for op in ops) for ops in self.view_ops)
         self._params, self._tap_index, self._augment_taps = self._params_eager, tap_index, self._augment_taps_eager
         if compile:  # bound methods: dynamo guards on the ops, dtype and layout they read off `self`
             self._params = torch.compile(self._params_eager, dynamic=False, fullgraph=True)
@@ -718,10 +754,17 @@ class MoCoGPUAugment:
 
     def __repr__(self) -> str:
         ops = ", ".join(repr(op) for op in (self.crop, *self.ops))
+        key_ops = f", key_ops=[{', '.join(repr(op) for op in self.view_ops[1])}]" if self._asymmetric else ""
         return (
-            f"MoCoGPUAugment(preset={self.preset!r}, ops=[{ops}], mean={self.mean}, std={self.std}, "
+            f"MoCoGPUAugment(preset={self.preset!r}, ops=[{ops}]{key_ops}, mean={self.mean}, std={self.std}, "
             f"compile={self.compile})"
         )
+
+    def _view_index(self, view: int) -> int:
+        """0 or 1; always 0 for a symmetric recipe, so that one compiled graph serves both views."""
+        if view not in (0, 1):
+            raise ValueError(f"view must be 0 (view 1, the query's) or 1 (view 2, the key's), got {view!r}")
+        return view if self._asymmetric else 0
 
     def _generator(self, device: torch.device, generator: torch.Generator | None) -> torch.Generator | None:
         generator = generator if generator is not None else self.generator
@@ -729,49 +772,55 @@ class MoCoGPUAugment:
             raise ValueError(f"the generator is on {generator.device}, the images on {device}")
         return generator
 
-    def sample(self, images: ImageBatch, generator: torch.Generator | None = None) -> AugmentParams:
-        """Draw every random parameter of one view of `images`."""
+    def sample(self, images: ImageBatch, generator: torch.Generator | None = None, view: int = 0) -> AugmentParams:
+        """Draw every random parameter of one view of `images` (`view` 0: view 1's ops, 1: view 2's)."""
         packed = pack_images(images)
         n, device = len(packed), packed.device
         generator = self._generator(device, generator)
-        return self._params(_uniforms(n, self._num_uniforms, device, generator), packed.heights, packed.widths)
+        index = self._view_index(view)
+        return self._params(_uniforms(n, self._num_uniforms[index], device, generator), packed.heights,
+                            packed.widths, index)
 
-    def _params_eager(self, u: Tensor, heights: Tensor, widths: Tensor) -> AugmentParams:
-        """Every parameter of one view from N x `_num_uniforms` draws: the crop's columns first, then each op's."""
+    def _params_eager(self, u: Tensor, heights: Tensor, widths: Tensor, view: int = 0) -> AugmentParams:
+        """Every parameter of one view from N x `_num_uniforms[view]` draws: the crop's columns first, then each
+        op's."""
         start = self.crop.num_uniforms
         boxes = self.crop.from_uniforms(u[:, :start], heights, widths)
         params = []
-        for op in self.ops:
+        for op in self.view_ops[view]:
             params.append(op.from_uniforms(u[:, start: start + op.num_uniforms]))
             start += op.num_uniforms
         return AugmentParams(boxes, tuple(params))
 
     @torch.no_grad()
-    def apply(self, images: ImageBatch, params: AugmentParams) -> Tensor:
-        """The view of `images` for fixed `params`: N x 3 x size x size, normalised, in `dtype`."""
+    def apply(self, images: ImageBatch, params: AugmentParams, view: int = 0) -> Tensor:
+        """The view of `images` for fixed `params` (drawn for the same `view`): N x 3 x size x size, normalised, in
+        `dtype`."""
         # the gather stays eager (its input's size varies per batch); its indices have fixed shapes
         taps = crop_taps(images, params.boxes, self.size, index_fn=self._tap_index)
         device = taps.pixels.device
         if device not in self._scale_shift:
             mean, std = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (self.mean, self.std))
             self._scale_shift[device] = ((1.0 / std).float().to(device), (-mean / std).float().to(device))
-        return self._augment_taps(taps, params.ops, *self._scale_shift[device])
+        return self._augment_taps(taps, params.ops, *self._scale_shift[device], self._view_index(view))
 
-    def _augment_taps_eager(self, taps: CropTaps, op_params: tuple, scale: Tensor, shift: Tensor) -> Tensor:
-        """Everything after the gather: blend, the preset's ops in order, normalize, dtype and layout."""
+    def _augment_taps_eager(self, taps: CropTaps, op_params: tuple, scale: Tensor, shift: Tensor,
+                            view: int = 0) -> Tensor:
+        """Everything after the gather: blend, the view's ops in order, normalize, dtype and layout."""
         x = blend_taps(taps)  # N x 3 x S x S float32 in [0, 1]
-        for op, p in zip(self.ops, op_params):
+        for op, p in zip(self.view_ops[view], op_params):
             x = op.apply(x, p)
         return _normalize_to(x, scale, shift, self.dtype, self.channels_last)
 
-    def __call__(self, images: ImageBatch, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, images: ImageBatch, generator: torch.Generator | None = None, view: int = 0) -> Tensor:
         packed = pack_images(images)
-        return self.apply(packed, self.sample(packed, generator))
+        return self.apply(packed, self.sample(packed, generator, view), view)
 
     def two_views(self, images: ImageBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Two independently augmented views (query, key) of the same images; the images are packed once."""
+        """Two independently augmented views (query, key) of the same images, view 1's ops then view 2's (the same
+        for the symmetric recipes); the images are packed once."""
         packed = pack_images(images)
-        return self(packed, generator), self(packed, generator)
+        return self(packed, generator, 0), self(packed, generator, 1)
 
 
 __doc__ = (__doc__ or "") + """

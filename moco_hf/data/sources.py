@@ -303,4 +303,16 @@ def label_index(hf_dataset, label_column: str) -> dict[str, int]:
     return {name: i for i, name in enumerate(sorted(names))}
 
 
-__all__ = ["IMAGE_EXTENSIONS", "ProcessShards", "SourceInfo", "rank_shards", "digits_image_folder", "find_image_column", "find_label_column", "integer_labels", "label_index", "load_hub_dataset", "load_source"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ProcessShards",
+    "SourceInfo",
+    "digits_image_folder",
+    "find_image_column",
+    "find_label_column",
+    "integer_labels",
+    "label_index",
+    "load_hub_dataset",
+    "load_source",
+    "rank_shards",
+]

@@ -1,6 +1,6 @@
 """The CPU augmentation path, one PIL image at a time (in DataLoader workers), as the official MoCo code does:
-`TwoViewTransform` (two views of a preset of `presets`, parameters drawn from an explicit generator so an epoch
-replays exactly), `EvalTransform` (resize, center crop, normalise: the kNN monitor and evaluation) and
+`TwoViewTransform` (two views of a recipe of `presets`, each with its view's preset, parameters drawn from an explicit
+generator so an epoch replays exactly), `EvalTransform` (resize, center crop, normalise: the kNN monitor and evaluation) and
 `TrainTransform` (the supervised training transform of linear evaluation and fine-tuning).
 """
 
@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
-from .presets import AugmentPreset, get_preset
+from .presets import AugmentPreset, get_view_presets
+
+SOLARIZE_THRESHOLD = 128  # of 255: PIL's ImageOps.solarize default, as BYOL and MoCo v3
 
 
 def sample_resized_crop(
@@ -43,19 +45,30 @@ def sample_resized_crop(
 
 
 class TwoViewTransform:
-    """Two independently augmented views of one PIL image, as normalised float tensors (3 x size x size)."""
+    """Two independently augmented views of one PIL image, as normalised float tensors (3 x size x size): view 1 with
+    the recipe's first preset, view 2 with its second (the same preset for v1, v2 and cifar; MoCo v3's asymmetric
+    pair for v3)."""
 
-    def __init__(self, preset: str | AugmentPreset, size: int, mean, std, crop_min_scale: float | None = None):
-        self.preset = get_preset(preset, crop_min_scale)
+    def __init__(self, preset: str | AugmentPreset | tuple[AugmentPreset, AugmentPreset], size: int, mean, std,
+                 crop_min_scale: float | None = None):
+        self.presets = get_view_presets(preset, crop_min_scale)
         self.size = int(size)
         self.mean = list(mean)
         self.std = list(std)
 
-    def view(self, image: Image.Image, g: torch.Generator) -> torch.Tensor:
-        p = self.preset
+    @property
+    def preset(self) -> AugmentPreset:
+        """View 1's preset (the only one of a symmetric recipe)."""
+        return self.presets[0]
+
+    def view(self, image: Image.Image, g: torch.Generator, preset: AugmentPreset | None = None) -> torch.Tensor:
+        """One view of `image` with `preset` (default: view 1's)."""
+        p = preset or self.presets[0]
         top, left, h, w = sample_resized_crop(image.height, image.width, p.crop_scale, (3 / 4, 4 / 3), g)
         image = image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
-        u = torch.rand(4, generator=g).tolist()
+        # one draw per random op: jitter, grayscale, blur, flip (and solarize, only for presets that have it, so that
+        # the other recipes draw exactly as before it existed)
+        u = torch.rand(5 if p.solarize_prob > 0 else 4, generator=g).tolist()
         if p.grayscale_first and u[1] < p.grayscale_prob:
             image = image.convert("L").convert("RGB")
         if u[0] < p.jitter_prob:
@@ -65,6 +78,8 @@ class TwoViewTransform:
         if u[2] < p.blur_prob:
             sigma = p.blur_sigma[0] + (p.blur_sigma[1] - p.blur_sigma[0]) * torch.rand(1, generator=g).item()
             image = image.filter(ImageFilter.GaussianBlur(radius=sigma))  # as the official v2 code
+        if p.solarize_prob > 0 and u[4] < p.solarize_prob:
+            image = ImageOps.solarize(image, SOLARIZE_THRESHOLD)  # 255 - x where x >= 128
         if u[3] < p.flip_prob:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         tensor = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)
@@ -87,7 +102,7 @@ class TwoViewTransform:
         return image
 
     def __call__(self, image: Image.Image, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.view(image, g), self.view(image, g)
+        return self.view(image, g, self.presets[0]), self.view(image, g, self.presets[1])
 
 
 def interpolation_mode(name: str) -> TF.InterpolationMode:
@@ -129,4 +144,5 @@ class TrainTransform:
         return self.transform(image)
 
 
-__all__ = ["EvalTransform", "TrainTransform", "TwoViewTransform", "interpolation_mode", "sample_resized_crop"]
+__all__ = ["SOLARIZE_THRESHOLD", "EvalTransform", "TrainTransform", "TwoViewTransform", "interpolation_mode",
+           "sample_resized_crop"]
