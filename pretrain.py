@@ -72,7 +72,7 @@ class PretrainConfig:
     overwrite_output_dir: bool = _key(False, "start over in an output_dir that holds another run (deletes it)", RUN)
     seed: int = _key(0, "seed of the model initialisation, data order and augmentation", RUN)
     max_steps: int = _key(-1, "optimizer steps to train; > 0 overrides num_epochs", RUN)
-    num_epochs: int = _key(20, "epochs over the training split (when max_steps <= 0)", RUN)
+    num_epochs: int = _key(30, "epochs over the training split (when max_steps <= 0)", RUN)
     batch_size: int = _key(128, "global batch over all processes (images per step)", RUN)
     save_steps: int = _key(0, "checkpoint every N steps (0: none; the final model is always saved)", RUN)
     save_total_limit: int = _key(3, "checkpoints kept (the oldest are deleted)", RUN)
@@ -105,7 +105,7 @@ class PretrainConfig:
     shuffle_buffer: int = _key(10_000, "images in the streaming shuffle buffer", DATA)
     num_train_examples: int | None = _key(None, "size of the training split when the source does not say "
                                                 "(webdataset)", DATA)
-    augmentation: str = _key("cifar", "augmentation preset: v1, v2, cifar, digits, v3 (BYOL's asymmetric views) or "
+    augmentation: str = _key("digits", "augmentation preset: v1, v2, cifar, digits, v3 (BYOL's asymmetric views) or "
                                       "v3_cifar (v3 without blur); moco_hf/data/presets.py", DATA)
     image_size: int = _key(32, "crop size in pixels", DATA)
     crop_min_scale: float | None = _key(0.4, "RandomResizedCrop minimum area fraction (none: the preset's, as "
@@ -125,7 +125,7 @@ class PretrainConfig:
     queue_size: int = _key(1024, "K, negative keys in the queue (>= keys enqueued per step); 0: MoCo v3, the batch's "
                                  "keys are the negatives", MODEL)
     momentum: float = _key(0.99, "m, key-encoder momentum (the start value with momentum_schedule cosine)", MODEL)
-    tau: float = _key(0.1, "softmax temperature (v1 0.07, v2 0.2, v3 0.2 for ViTs and 1.0 for ResNets)", MODEL)
+    tau: float = _key(0.2, "softmax temperature (v1 0.07, v2 0.2, v3 0.2 for ViTs and 1.0 for ResNets)", MODEL)
     mlp_head: bool = _key(True, "v2's 2-layer MLP head (false: v1's linear head)", MODEL)
     mlp_hidden_dim: int | None = _key(None, "hidden width of the MLP head (none: the backbone's width)", MODEL)
     mlp_layers: int = _key(2, "linear layers of the MLP head (v2: 2; v3: 3 for ViTs, 2 for ResNets)", MODEL)
@@ -139,7 +139,7 @@ class PretrainConfig:
     sincos_pos_embed: bool = _key(False, "fixed 2-D sin-cos position embeddings for a ViT (v3)", MODEL)
     shuffle_bn: bool = _key(True, "shuffle BN across processes (or across bn_splits chunks)", MODEL)
     bn_splits: int = _key(1, "normalise the batch in this many chunks, as that many GPUs would", MODEL)
-    symmetric: bool = _key(False, "symmetric loss (each view once as query, once as key)", MODEL)
+    symmetric: bool = _key(True, "symmetric loss (each view once as query, once as key)", MODEL)
 
     # optimisation
     optimizer: str = _key("sgd", "sgd (v1, v2), adamw (v3 ViTs) or lars (v3 ResNets), the last two timm's", OPTIM)

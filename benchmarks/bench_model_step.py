@@ -37,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco_hf import MoCoConfig, MoCoModel
-from moco_hf.modeling_moco import SplitBatchNorm2d
-from moco_hf.training import uses_cuda_graphs
-from pretrain import COMPILE_MODES
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # pretrain.py, from any directory
+
+from moco_hf import MoCoConfig, MoCoModel  # noqa: E402
+from moco_hf.modeling_moco import SplitBatchNorm2d  # noqa: E402
+from moco_hf.training import uses_cuda_graphs  # noqa: E402
+from pretrain import COMPILE_MODES  # noqa: E402
 
 
 class DemoSplitBatchNorm(nn.BatchNorm2d):

@@ -108,7 +108,7 @@ def test_config_mistakes(tmp_path, capsys):
     (["--train_dir", "/nonexistent/folder"], "does not exist"),
     (["--backbone", "resnet_5O"], "not a timm architecture"),
     (["--backbone", "vit_tiny_patch16_224"], "--backbone_kwargs '{img_size: 32}'"),
-    (["--batch_size", "4096", "--queue_size", "4096"], "fewer than batch_size"),
+    (["--batch_size", "4096", "--queue_size", "8192"], "fewer than batch_size"),
     (["--report_to", "wandb"], "wandb"),
     (["--mixed_precision", "fp16"], "needs a CUDA GPU"),
     (["--resume_from_checkpoint", "/nonexistent/checkpoint-00000001"], "not a complete checkpoint"),

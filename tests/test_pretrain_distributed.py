@@ -23,6 +23,7 @@ out = sys.argv[1]
 cfg = load_config(None, ["--backbone", "test_resnet", "--embed_dim", "16", "--queue_size", "64",
                          "--batch_size", "16", "--max_steps", "3", "--log_steps", "1", "--report_to", "none",
                          "--eval_split", "none", "--num_shards", "4", "--output_dir", out, "--save_steps", "3",
+                         "--symmetric", "false",
                          *sys.argv[2:]])
 result = pretrain.train(cfg)
 rank = int(os.environ["RANK"])

@@ -646,7 +646,9 @@ def test_v3_configs_are_the_recipe(name):
         backbone, optimizer, layers, predictor_bn, tau, lr)
     assert (cfg.queue_size, cfg.symmetric, cfg.mlp_bn, cfg.momentum, cfg.momentum_schedule) == (
         0, True, True, 0.99, "cosine")
-    assert cfg.freeze_patch_embed == cfg.sincos_pos_embed == vit and cfg.augmentation.startswith("v3")
+    # the digits demo: crops and brightness / contrast, as the v2 demo (flips and colour do not suit digits)
+    assert cfg.freeze_patch_embed == cfg.sincos_pos_embed == vit
+    assert cfg.augmentation == "digits" if name.startswith("demo") else cfg.augmentation.startswith("v3")
     assert cfg.predictor_hidden_dim == cfg.mlp_hidden_dim and cfg.bn_splits == 1 and not cfg.shuffle_bn
     if backbone == "vit_small_patch16_224":
         assert cfg.backbone_kwargs == {"num_heads": 12}
