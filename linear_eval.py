@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # moco_hf (torch, timm, transformers, datasets) is imported once the arguments are known to be good.
 
@@ -49,8 +49,9 @@ class LinearEvalConfig:
         weight_decay (`float`, defaults to 0.0): SGD weight decay.
         batch_size (`int`, defaults to 256): images per step (single process).
         image_size (`int`, *optional*): crop size; defaults to the size the checkpoint was trained with.
-        crop_pct (`float`, defaults to 0.875): eval transform: shorter side to image_size / crop_pct, center crop
-            image_size (Resize 256 / CenterCrop 224 at 224 px).
+        crop_pct (`float`, *optional*): eval transform: shorter side to image_size / crop_pct, center crop
+            image_size. By default the model's own (the one its pretraining run evaluated with, so the probe's figures
+            and the run's agree) for "lbfgs", and the paper's 0.875 (Resize 256 / CenterCrop 224) for "sgd".
         protocol (`str`, defaults to "auto"): "lbfgs": a logistic regression on center-crop features extracted once,
             fitted to convergence with L-BFGS, its L2 penalty chosen on a held-out fifth of the train split, next to
             the same probe on the backbone at random initialisation and on the raw pixels (seconds where the
@@ -62,7 +63,7 @@ class LinearEvalConfig:
         flip_prob (`float`, *optional*): sgd: horizontal flip probability; default the dataset's (0.5; digits 0).
         cached_features (`bool`, defaults to False): sgd: extract center-crop features of the train split once and
             train the classifier on them without augmentation (fast; not the paper protocol).
-        num_workers (`int`, defaults to 4): DataLoader worker processes.
+        num_workers (`int`, defaults to 4, at most the CPU count): DataLoader worker processes.
         seed (`int`, defaults to 0): classifier initialisation, shuffling and augmentation.
         max_train_samples / max_eval_samples (`int`, *optional*): evaluate on a random subset.
         mixed_precision (`str`, defaults to "no"): "bf16" runs the frozen backbone under bf16 autocast.
@@ -75,17 +76,25 @@ class LinearEvalConfig:
     weight_decay: float = 0.0
     batch_size: int = 256
     image_size: int | None = None
-    crop_pct: float = 0.875
+    crop_pct: float | None = None
     protocol: str = "auto"
     probe_memory_gb: float = 8.0
     crop_min_scale: float | None = None
     flip_prob: float | None = None
     cached_features: bool = False
-    num_workers: int = 4
+    num_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     seed: int = 0
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     mixed_precision: str = "no"
+
+    PAPER_CROP_PCT = 0.875  # Resize 256 / CenterCrop 224
+
+    def eval_crop_pct(self, model_crop_pct: float, sgd: bool) -> float:
+        """crop_pct, else the paper's for the SGD protocol and the model's own for the L-BFGS probe."""
+        if self.crop_pct is not None:
+            return self.crop_pct
+        return self.PAPER_CROP_PCT if sgd else model_crop_pct
 
     def __post_init__(self):
         self.schedule = tuple(int(m) for m in self.schedule)
@@ -100,7 +109,7 @@ class LinearEvalConfig:
         if not 0.0 <= self.momentum < 1.0 or self.weight_decay < 0:
             raise ValueError(f"momentum must be in [0, 1) and weight_decay >= 0, got {self.momentum}, "
                              f"{self.weight_decay}")
-        if not 0.0 < self.crop_pct <= 1.0 or not 0.0 < (self.crop_min_scale or 1.0) <= 1.0:
+        if not 0.0 < (self.crop_pct or 1.0) <= 1.0 or not 0.0 < (self.crop_min_scale or 1.0) <= 1.0:
             raise ValueError(f"crop_pct and crop_min_scale must be in (0, 1], got {self.crop_pct}, "
                              f"{self.crop_min_scale}")
         if self.flip_prob is not None and not 0.0 <= self.flip_prob <= 1.0:
@@ -141,7 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight_decay", type=float, default=d.weight_decay)
     parser.add_argument("--batch_size", type=int, default=d.batch_size)
     parser.add_argument("--image_size", type=int, default=None, help="default: the size the checkpoint was trained at")
-    parser.add_argument("--crop_pct", type=float, default=d.crop_pct, help="eval resize = size / crop_pct (0.875)")
+    parser.add_argument("--crop_pct", type=float, default=d.crop_pct,
+                        help="eval resize = size / crop_pct (default: the model's own with lbfgs, 0.875 with sgd)")
     parser.add_argument("--protocol", choices=("auto", "lbfgs", "sgd"), default=d.protocol,
                         help="lbfgs: logistic regression on features extracted once, with the random-init and "
                              "raw-pixel baselines (seconds); sgd: the paper's protocol; auto (default): lbfgs when "

@@ -159,7 +159,8 @@ def run_linear_eval(model, train: LabeledSplit, evaluation: LabeledSplit, prepro
     size, mean, std = preprocessing.image_size, preprocessing.mean, preprocessing.std
 
     # train and eval views resized alike, as the processor saved with the classifier says
-    eval_transform = EvalTransform(size, mean, std, crop_pct=cfg.crop_pct, interpolation=preprocessing.interpolation)
+    eval_transform = EvalTransform(size, mean, std, crop_pct=cfg.eval_crop_pct(preprocessing.crop_pct, sgd=True),
+                                   interpolation=preprocessing.interpolation)
     collator = ClassificationCollator()
     pin = device.type == "cuda"
     eval_loader = make_loader(evaluation.with_transform(eval_transform), cfg.batch_size, collator, cfg.num_workers,
@@ -276,7 +277,8 @@ def run_probe(model, train: LabeledSplit, evaluation: LabeledSplit, preprocessin
     snapshot = backbone_snapshot(model)
     autocast_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     size = preprocessing.image_size
-    transform = EvalTransform(size, preprocessing.mean, preprocessing.std, crop_pct=cfg.crop_pct,
+    transform = EvalTransform(size, preprocessing.mean, preprocessing.std,
+                              crop_pct=cfg.eval_crop_pct(preprocessing.crop_pct, sgd=False),
                               interpolation=preprocessing.interpolation)
     collator = ClassificationCollator()
     loaders = [make_loader(split.with_transform(transform), cfg.batch_size, collator, cfg.num_workers,
@@ -355,6 +357,8 @@ def linear_evaluation(
     if protocol == "auto":
         fits = len(train) * model.classifier.in_features * 4 <= cfg.probe_memory_gb * 2**30
         protocol = "lbfgs" if fits else "sgd"
+    # the probe sees the images as the run's own evaluation did; the SGD protocol as the paper's (crop_pct 0.875)
+    cfg = dataclasses.replace(cfg, crop_pct=cfg.eval_crop_pct(preprocessing.crop_pct, sgd=protocol == "sgd"))
     if protocol == "lbfgs":
         log(f"linear probe of {model_dir} ({model.config.backbone}, {model.classifier.in_features}-d features): "
             f"{len(train)} train / {len(evaluation)} eval images, {len(train.label_names)} classes; logistic "

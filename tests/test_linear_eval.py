@@ -191,3 +191,12 @@ def test_lbfgs_probe_with_baselines_and_the_digits_augmentation(checkpoint, tmp_
     sgd = evaluation.linear_evaluation(checkpoint, LinearEvalConfig(protocol="sgd", epochs=1, schedule=(1,), **FAST),
                                        record=False, log=logs.append)
     assert sgd["linear_protocol"].endswith("RandomResizedCrop (scale 0.6-1)")  # digits: no flip, large crops
+
+
+def test_the_probe_sees_the_images_as_the_run_did_and_sgd_as_the_paper():
+    """Default crop: the model's own for the L-BFGS probe (so its figures agree with the pretraining run's, which
+    evaluated whole digits), the paper's Resize 256 / CenterCrop 224 for the SGD protocol; a given one wins."""
+    assert LinearEvalConfig().eval_crop_pct(1.0, sgd=False) == 1.0
+    assert LinearEvalConfig().eval_crop_pct(1.0, sgd=True) == 0.875
+    assert LinearEvalConfig(crop_pct=0.9).eval_crop_pct(1.0, sgd=False) == 0.9
+    assert LinearEvalConfig(crop_pct=0.9).eval_crop_pct(1.0, sgd=True) == 0.9
