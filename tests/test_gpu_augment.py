@@ -197,7 +197,9 @@ def test_compiled_color_jitter_follows_each_samples_order():
         torch.tensor(list(itertools.permutations(range(4)))),
         torch.tensor([[1.4, 0.6, 1.3, 0.1]]).repeat(n, 1),
     )
-    out = torch.compile(G.color_jitter, dynamic=False, fullgraph=True)(images, params)
+    # aot_eager: the compiled code path (torch.compiler.is_compiling) in one graph, without inductor's C++ build on
+    # a CPU (tens of seconds on a cold cache); inductor's own kernels are checked by the compiled-augmentation test
+    out = torch.compile(G.color_jitter, dynamic=False, fullgraph=True, backend="aot_eager")(images, params)
     torch.testing.assert_close(out, reference_color_jitter(images, params), **JITTER_TOL)
 
 
@@ -399,7 +401,8 @@ def test_two_views_are_independent_and_reproducible():
 @pytest.mark.parametrize(
     "preset, dtype, channels_last, device",
     [
-        ("v1", torch.float32, False, "cpu"),
+        # one CPU case (inductor's C++ build takes tens of seconds on a cold cache); v1 differs from v2 in the
+        # parameters only, which the eager tests cover
         ("v2", torch.bfloat16, True, "cpu"),
         pytest.param(
             "v2", torch.bfloat16, True, "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 from _reference import sgd
+from _tolerance import TINY_FORWARD
 from transformers import AutoModel
 
 from moco_hf import MoCoConfig, MoCoModel
@@ -104,8 +105,10 @@ def test_trust_remote_code_without_moco_hf(tmp_path, version):
     assert results["state"].keys() == state.keys()
     for name, tensor in state.items():
         assert torch.equal(results["state"][name], tensor), name
+    # the same weights bit for bit; the outputs within the forward's rounding (tests/_tolerance.py), as the child
+    # process may split its sums over another number of threads than this one
     for field in ("pooler_output", "query_embeddings", "last_hidden_state"):
-        assert torch.equal(results[field], expected[field]), field
+        torch.testing.assert_close(results[field], expected[field], **TINY_FORWARD, msg=lambda m, f=field: f"{f}: {m}")
 
     # The same checkpoint also loads through the registered (importable) classes.
     assert type(AutoModel.from_pretrained(checkpoint)) is MoCoModel
